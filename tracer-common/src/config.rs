@@ -1,0 +1,56 @@
+//! Load-time configuration, written into the eBPF object's read-only globals
+//! by the agent before the programs are verified.
+
+/// Byte offsets of the kernel struct fields the programs read, resolved by
+/// the agent from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+///
+/// Rust eBPF code has no CO-RE relocations, so this table is how one binary
+/// works across kernel builds whose struct layouts differ.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock_common / struct sock
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_cookie: u32,
+    pub sk_protocol: u32,
+    // fd -> socket: task_struct.files -> files_struct.fdt -> fdtable.fd[fd]
+    // -> file.private_data (struct socket) -> socket.sk
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_f_op: u32,
+    pub file_private_data: u32,
+    pub socket_file: u32,
+    pub socket_sk: u32,
+    pub _pad: u32,
+    /// Address of `socket_file_ops` from kallsyms, 0 if hidden: then a file
+    /// is taken to be a socket when `socket->file` points back at it.
+    pub socket_file_ops: u64,
+}
+
+/// Everything else the agent sets at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Only this process's sockets (0 = every process).
+    pub filter_tgid: u32,
+    /// Set to 1 by the agent; 0 means the object was loaded unconfigured.
+    pub configured: u32,
+    /// Wake the reader only once this many bytes are waiting; below it the
+    /// reader drains on its own timer. Per-event wakeups cost ~1.5 µs each.
+    pub wakeup_bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), explicit padding.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Config {}
+}

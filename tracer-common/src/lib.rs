@@ -1,0 +1,15 @@
+//! The one definition of every type that crosses the kernel/user boundary.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and no `bool`, so the
+//! eBPF side and the agent agree on layout byte for byte. Event kinds are
+//! plain `u32` values that are never reused: a recording written by one
+//! version must still decode (or be rejected cleanly) by another.
+#![no_std]
+
+pub mod config;
+pub mod event;
+pub mod stats;
+pub mod tcp;
+
+pub use config::{Config, KernelOffsets};
+pub use event::{EventKind, FdEvent, Header, StateEvent, COMM_LEN};

@@ -1,0 +1,16 @@
+//! Indices into the per-CPU `STATS` counter array. Losses are never silent:
+//! every place the kernel side gives up on an event bumps one of these.
+
+/// Records the programs tried to emit (delivered + dropped).
+pub const GENERATED: u32 = 0;
+/// Records lost because the ring buffer was full.
+pub const RINGBUF_DROPS: u32 = 1;
+/// `--pid` watch-list insertions that failed (map full).
+pub const WATCH_FULL: u32 = 2;
+/// An fd the close/accept hooks could not resolve to a socket (read fault).
+pub const FD_UNRESOLVED: u32 = 3;
+
+/// `close_range` calls wider than the kernel side scans (256 fds).
+pub const CLOSE_RANGE_TRUNCATED: u32 = 4;
+
+pub const COUNT: u32 = 5;

@@ -1,0 +1,58 @@
+//! `syscalls:sys_exit_accept{,4}`: the fd accept returned, resolved to its
+//! socket, in the accepting process. Passive sockets are created in softirq,
+//! so this is the first moment their owner is known.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{stats, EventKind, FdEvent};
+
+use crate::{config, emit, fdsock, maps};
+
+/// Offset of `long ret` in the `sys_exit_*` tracepoint record.
+const RET_OFFSET: usize = 16;
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    handle(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    handle(&ctx);
+    0
+}
+
+#[inline(always)]
+fn handle(ctx: &TracePointContext) {
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET_OFFSET) }) else {
+        return;
+    };
+    if ret < 0 {
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let filter = config::filter_tgid();
+    if filter != 0 && tgid != filter {
+        return;
+    }
+    let Some((fds, max)) = fdsock::fd_table() else {
+        return;
+    };
+    let fd = ret as u32;
+    let Some(sk) = fdsock::tcp_sock(fds, max, fd) else {
+        return;
+    };
+    let cookie = fdsock::cookie_of(sk);
+    if filter != 0 && cookie != 0 && maps::WATCH.insert(&cookie, &tgid, 0).is_err() {
+        maps::count(stats::WATCH_FULL);
+    }
+    emit::send(&FdEvent {
+        header: emit::header(EventKind::Accept as u32, cookie, sk),
+        fd: fd as i32,
+        _pad: 0,
+    });
+}

@@ -1,0 +1,87 @@
+//! `syscalls:sys_enter_close` and `sys_enter_close_range`: which thread
+//! closed which socket fd, and when. Runs before the fd is released, so the
+//! fd still resolves to its socket.
+//!
+//! A close does not always end the socket (another process may hold a dup);
+//! the state hook shows whether it did.
+
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
+use tracer_common::{stats, EventKind, FdEvent};
+
+use crate::{config, emit, fdsock, maps};
+
+const FD_OFFSET: usize = 16;
+const MAX_FD_OFFSET: usize = 24;
+const FLAGS_OFFSET: usize = 32;
+/// `CLOSE_RANGE_CLOEXEC`: only marks fds close-on-exec, closes nothing.
+const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+/// fds examined per `close_range` call; the rest are counted as truncated.
+/// Verification time grows with this bound (1024 took ~1 s to load).
+const CLOSE_RANGE_SCAN: u32 = 256;
+
+#[tracepoint(category = "syscalls", name = "sys_enter_close")]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    if !wanted() {
+        return 0;
+    }
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(FD_OFFSET) }) else {
+        return 0;
+    };
+    if let Some((fds, max)) = fdsock::fd_table() {
+        report(fds, max, fd as u32);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_close_range")]
+pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
+    if !wanted() {
+        return 0;
+    }
+    let (Ok(first), Ok(last), Ok(flags)) = (unsafe {
+        (
+            ctx.read_at::<u64>(FD_OFFSET),
+            ctx.read_at::<u64>(MAX_FD_OFFSET),
+            ctx.read_at::<u64>(FLAGS_OFFSET),
+        )
+    }) else {
+        return 0;
+    };
+    if flags & CLOSE_RANGE_CLOEXEC != 0 {
+        return 0;
+    }
+    let Some((fds, max)) = fdsock::fd_table() else {
+        return 0;
+    };
+    let first = first as u32;
+    let last = (last as u32).min(max.saturating_sub(1));
+    for i in 0..CLOSE_RANGE_SCAN {
+        let fd = first.wrapping_add(i);
+        if fd > last || fd < first {
+            return 0;
+        }
+        report(fds, max, fd);
+    }
+    if last >= first.saturating_add(CLOSE_RANGE_SCAN) {
+        maps::count(stats::CLOSE_RANGE_TRUNCATED);
+    }
+    0
+}
+
+#[inline(always)]
+fn wanted() -> bool {
+    let filter = config::filter_tgid();
+    filter == 0 || (bpf_get_current_pid_tgid() >> 32) as u32 == filter
+}
+
+#[inline(always)]
+fn report(fds: u64, max: u32, fd: u32) {
+    let Some(sk) = fdsock::tcp_sock(fds, max, fd) else {
+        return;
+    };
+    emit::send(&FdEvent {
+        header: emit::header(EventKind::Close as u32, fdsock::cookie_of(sk), sk),
+        fd: fd as i32,
+        _pad: 0,
+    });
+}

@@ -1,0 +1,36 @@
+//! Read-only globals written by the agent before load (see
+//! `tracer_common::config`). Read with `read_volatile` so the compiler
+//! cannot fold in the zero placeholder values.
+
+use tracer_common::{Config, KernelOffsets};
+
+#[unsafe(no_mangle)]
+pub(crate) static OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
+
+#[unsafe(no_mangle)]
+static CONFIG: Config = unsafe { core::mem::zeroed() };
+
+/// `off!(field)`: the offset of `field` on the running kernel.
+macro_rules! off {
+    ($field:ident) => {
+        $crate::config::volatile(&$crate::config::OFFSETS.$field)
+    };
+}
+pub(crate) use off;
+
+#[inline(always)]
+pub fn volatile<T: Copy>(v: &T) -> T {
+    // SAFETY: a valid reference to a global.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+pub fn filter_tgid() -> u32 {
+    volatile(&CONFIG.filter_tgid)
+}
+
+
+#[inline(always)]
+pub fn wakeup_bytes() -> u64 {
+    volatile(&CONFIG.wakeup_bytes)
+}

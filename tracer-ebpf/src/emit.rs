@@ -1,0 +1,41 @@
+//! Header filling and ring-buffer submission with batched wakeups.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+};
+use tracer_common::{stats, Header, COMM_LEN};
+
+use crate::{config, maps};
+
+#[inline(always)]
+pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Header {
+        kind,
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+        cookie,
+        skaddr,
+    }
+}
+
+/// Sends one record. The reader is woken only once `wakeup_bytes` are
+/// waiting; otherwise it drains on its own timer. A full ring buffer is a
+/// counted drop, never a silent one.
+#[inline(always)]
+pub fn send<T>(event: &T) {
+    maps::count(stats::GENERATED);
+    let waiting = maps::EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if waiting >= config::wakeup_bytes() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if maps::EVENTS.output::<T>(event, flags as u64).is_err() {
+        maps::count(stats::RINGBUF_DROPS);
+    }
+}

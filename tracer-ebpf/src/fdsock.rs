@@ -1,0 +1,101 @@
+//! fd -> `struct sock` for the current task, by walking
+//! `task->files->fdt->fd[fd]->private_data->sk` with field offsets the agent
+//! took from the kernel's BTF.
+
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use tracer_common::{event::AF_INET, event::AF_INET6, stats, tcp::IPPROTO_TCP};
+
+use crate::{config::off, maps};
+
+/// A read fault while walking kernel memory.
+pub struct Fault;
+
+#[inline(always)]
+pub unsafe fn read<T>(base: u64, offset: u32) -> Result<T, Fault> {
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.map_err(|_| Fault)
+}
+
+/// Counts a fault as an unresolved fd instead of dropping it silently.
+#[inline(always)]
+fn counted<T>(r: Result<Option<T>, Fault>) -> Option<T> {
+    r.unwrap_or_else(|Fault| {
+        maps::count(stats::FD_UNRESOLVED);
+        None
+    })
+}
+
+/// The current task's open-file array and its length.
+#[inline(always)]
+pub fn fd_table() -> Option<(u64, u32)> {
+    counted(unsafe { fd_table_inner() })
+}
+
+#[inline(always)]
+unsafe fn fd_table_inner() -> Result<Option<(u64, u32)>, Fault> {
+    unsafe {
+        let task = bpf_get_current_task();
+        let files: u64 = read(task, off!(task_files))?;
+        if files == 0 {
+            return Ok(None); // exiting task
+        }
+        let fdt: u64 = read(files, off!(files_fdt))?;
+        let max: u32 = read(fdt, off!(fdt_max_fds))?;
+        let fds: u64 = read(fdt, off!(fdt_fd))?;
+        Ok(Some((fds, max)))
+    }
+}
+
+/// The TCP `struct sock` behind `fd`, if `fd` is an IPv4/IPv6 TCP socket.
+#[inline(always)]
+pub fn tcp_sock(fds: u64, max: u32, fd: u32) -> Option<u64> {
+    if fd >= max {
+        return None;
+    }
+    counted(unsafe { tcp_sock_inner(fds, fd) })
+}
+
+#[inline(always)]
+unsafe fn tcp_sock_inner(fds: u64, fd: u32) -> Result<Option<u64>, Fault> {
+    unsafe {
+        let file: u64 = read(fds, fd * 8)?;
+        if file == 0 {
+            return Ok(None);
+        }
+        let sfops = off!(socket_file_ops);
+        if sfops != 0 {
+            let fop: u64 = read(file, off!(file_f_op))?;
+            if fop != sfops {
+                return Ok(None);
+            }
+        }
+        let sock: u64 = read(file, off!(file_private_data))?;
+        if sock == 0 {
+            return Ok(None);
+        }
+        if sfops == 0 {
+            // No kallsyms address: accept the file only if the socket
+            // points back at it.
+            let back: u64 = read(sock, off!(socket_file))?;
+            if back != file {
+                return Ok(None);
+            }
+        }
+        let sk: u64 = read(sock, off!(socket_sk))?;
+        if sk == 0 {
+            return Ok(None);
+        }
+        let family: u16 = read(sk, off!(skc_family))?;
+        let proto: u16 = read(sk, off!(sk_protocol))?;
+        let is_tcp = proto == IPPROTO_TCP && (family == AF_INET || family == AF_INET6);
+        Ok(is_tcp.then_some(sk))
+    }
+}
+
+/// The cookie the kernel already assigned to `sk`, or 0 if none yet. Every
+/// socket that changed state while we were attached has one (the state hook
+/// asks for it), so 0 only happens for sockets older than the tracer; the
+/// agent then matches by `skaddr`.
+#[inline(always)]
+pub fn cookie_of(sk: u64) -> u64 {
+    unsafe { read::<u64>(sk, off!(skc_cookie)) }.unwrap_or(0)
+}

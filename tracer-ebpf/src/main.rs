@@ -1,0 +1,30 @@
+//! Kernel side of `tracer`: one module per hook, all feeding one ring buffer.
+//!
+//! Hooks used (and why these, on machines without kprobes or fentry):
+//! - `state`: `tp_btf/inet_sock_set_state`, every TCP state change, with the
+//!   socket cookie (`bpf_get_socket_cookie` needs the BTF-typed `sk`).
+//! - `accept`: `syscalls:sys_exit_accept{,4}`, binds a passive socket to the
+//!   process that accepted it.
+//! - `close`: `syscalls:sys_enter_close{,_range}`, ties a close to the
+//!   thread and fd that did it.
+#![no_std]
+#![no_main]
+
+mod accept;
+mod close;
+mod config;
+mod emit;
+mod fdsock;
+mod maps;
+mod state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic; this is never executed.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

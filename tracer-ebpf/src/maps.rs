@@ -1,0 +1,30 @@
+//! Maps shared by every hook. Each has a fixed bound; overflow is counted.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::stats;
+
+/// All events, to the agent. Resized by the agent at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Loss and volume counters, indexed by `tracer_common::stats`.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+/// With `--pid`: cookies of sockets owned by the watched process. State
+/// changes of these are reported whatever context they run in (softirq, the
+/// peer's process). The agent seeds it with sockets that predate it.
+#[map]
+pub static WATCH: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // Per-CPU slot and programs do not nest on one CPU for these hooks,
+        // so a plain add is enough.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,89 @@
+//! `tp_btf/inet_sock_set_state`: fires inside `tcp_set_state()` (and
+//! `inet_sk_set_state()`) for every TCP state change, in whatever context
+//! the change runs: the owner's syscall, softirq, or a peer's process.
+
+use aya_ebpf::{
+    cty::c_void, helpers::bpf_get_current_pid_tgid, helpers::generated::bpf_get_socket_cookie,
+    macros::btf_tracepoint, programs::BtfTracePointContext,
+};
+use tracer_common::{
+    event::{AF_INET, AF_INET6},
+    stats, tcp, EventKind, StateEvent,
+};
+
+use crate::{
+    config::{self, off},
+    emit,
+    fdsock::{read, Fault},
+    maps,
+};
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    let _ = handle(sk, oldstate as u8, newstate as u8);
+    0
+}
+
+#[inline(always)]
+fn handle(sk: *const c_void, oldstate: u8, newstate: u8) -> Result<(), Fault> {
+    let base = sk as u64;
+    let proto: u16 = unsafe { read(base, off!(sk_protocol))? };
+    if proto != tcp::IPPROTO_TCP {
+        return Ok(());
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+
+    let filter = config::filter_tgid();
+    if filter != 0 && !watched(cookie, filter, newstate) {
+        return Ok(());
+    }
+
+    let family: u16 = unsafe { read(base, off!(skc_family))? };
+    let mut ev = StateEvent {
+        header: emit::header(EventKind::State as u32, cookie, base),
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: unsafe { read::<u16>(base, off!(skc_num))? },
+        dport: u16::from_be(unsafe { read::<u16>(base, off!(skc_dport))? }),
+        family,
+        oldstate,
+        newstate,
+    };
+    if family == AF_INET {
+        let s: [u8; 4] = unsafe { read(base, off!(skc_rcv_saddr))? };
+        let d: [u8; 4] = unsafe { read(base, off!(skc_daddr))? };
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        ev.saddr = unsafe { read(base, off!(skc_v6_rcv_saddr))? };
+        ev.daddr = unsafe { read(base, off!(skc_v6_daddr))? };
+    }
+    emit::send(&ev);
+
+    if filter != 0 && newstate == tcp::CLOSE {
+        // The socket is gone; free its slot for the next one.
+        let _ = maps::WATCH.remove(&cookie);
+    }
+    Ok(())
+}
+
+/// With `--pid`: is this socket the watched process's? A connect by the
+/// watched process (CLOSE -> SYN_SENT runs in its own syscall) adds the
+/// socket; later changes are matched by cookie, whichever task runs them.
+#[inline(always)]
+fn watched(cookie: u64, filter: u32, newstate: u8) -> bool {
+    if maps::WATCH.get_ptr(&cookie).is_some() {
+        return true;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if newstate == tcp::SYN_SENT && tgid == filter {
+        if maps::WATCH.insert(&cookie, &tgid, 0).is_err() {
+            maps::count(stats::WATCH_FULL);
+        }
+        return true;
+    }
+    false
+}

@@ -1,0 +1,40 @@
+//! Kernel timestamps are CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
+//! They are mapped to wall-clock time once, at start.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec; these clocks always exist.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Now, on the kernel's event clock.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Fixed offset between the event clock and wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    offset_ns: i128,
+}
+
+impl WallClock {
+    pub fn now() -> Self {
+        let mono = monotonic_ns() as i128;
+        let real = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i128;
+        WallClock { offset_ns: real - mono }
+    }
+
+    pub fn to_system(self, ktime_ns: u64) -> SystemTime {
+        let ns = (ktime_ns as i128 + self.offset_ns).max(0) as u64;
+        UNIX_EPOCH + Duration::from_nanos(ns)
+    }
+
+    /// RFC 3339 with milliseconds, UTC.
+    pub fn format(self, ktime_ns: u64) -> String {
+        humantime::format_rfc3339_millis(self.to_system(ktime_ns)).to_string()
+    }
+}

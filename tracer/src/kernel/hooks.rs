@@ -1,0 +1,64 @@
+//! The table of kernel hooks: which program attaches where, and whether the
+//! tracer can run without it. Optional hooks that fail to attach degrade
+//! the evidence (said in the `start` output), not the tracing.
+
+#[derive(Clone, Copy, Debug)]
+pub enum Attach {
+    /// `tp_btf/<name>`: BTF-typed raw tracepoint.
+    BtfTracepoint(&'static str),
+    /// Classic tracepoint `<category>:<name>` (needs tracefs for its id).
+    Tracepoint(&'static str, &'static str),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    /// Program (function) name in the eBPF object.
+    pub program: &'static str,
+    pub attach: Attach,
+    /// Without a required hook there is nothing to trace.
+    pub required: bool,
+    /// What is lost without it.
+    pub purpose: &'static str,
+}
+
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        program: "inet_sock_set_state",
+        attach: Attach::BtfTracepoint("inet_sock_set_state"),
+        required: true,
+        purpose: "TCP state changes",
+    },
+    Hook {
+        program: "sys_exit_accept4",
+        attach: Attach::Tracepoint("syscalls", "sys_exit_accept4"),
+        required: false,
+        purpose: "owner of accepted sockets",
+    },
+    Hook {
+        program: "sys_exit_accept",
+        attach: Attach::Tracepoint("syscalls", "sys_exit_accept"),
+        required: false,
+        purpose: "owner of accepted sockets",
+    },
+    Hook {
+        program: "sys_enter_close",
+        attach: Attach::Tracepoint("syscalls", "sys_enter_close"),
+        required: false,
+        purpose: "which thread and fd closed a socket",
+    },
+    Hook {
+        program: "sys_enter_close_range",
+        attach: Attach::Tracepoint("syscalls", "sys_enter_close_range"),
+        required: false,
+        purpose: "which thread and fd closed a socket",
+    },
+];
+
+impl Hook {
+    pub fn target(&self) -> String {
+        match self.attach {
+            Attach::BtfTracepoint(n) => format!("tp_btf/{n}"),
+            Attach::Tracepoint(c, n) => format!("tracepoint/{c}/{n}"),
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Loading, configuring and attaching the eBPF programs, and reading what
+//! they send.
+
+pub mod hooks;
+pub mod offsets;
+pub mod tracefs;
+
+use std::os::fd::AsRawFd;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use tracer_common::{stats, Config};
+
+use hooks::{Attach, HOOKS};
+
+/// The compiled eBPF object, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+pub struct LoadOptions {
+    pub filter_tgid: Option<u32>,
+    pub ring_bytes: u32,
+    pub wakeup_bytes: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HookStatus {
+    pub hook: &'static str,
+    pub attached: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<&'static str>,
+}
+
+/// Kernel-side totals, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct KernelStats {
+    pub generated: u64,
+    pub ringbuf_drops: u64,
+    pub watch_full: u64,
+    pub fd_unresolved: u64,
+    pub close_range_truncated: u64,
+}
+
+pub struct Kernel {
+    // Keeps programs and links alive.
+    _ebpf: Ebpf,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub events: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    watch: HashMap<MapData, u64, u32>,
+    pub hooks: Vec<HookStatus>,
+}
+
+impl Kernel {
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let btf_raw = offsets::load_btf()?;
+        let offs = offsets::resolve(&btf_raw)?;
+        let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
+        raise_memlock();
+        let config = Config {
+            filter_tgid: opts.filter_tgid.unwrap_or(0),
+            configured: 1,
+            wakeup_bytes: opts.wakeup_bytes,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", &offs, true)
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", opts.ring_bytes)
+            .load(OBJECT)
+            .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            // No log statements compiled in: nothing to read.
+            Err(_) => None,
+        };
+
+        let mut hooks = Vec::new();
+        for hook in HOOKS {
+            let result = attach(&mut ebpf, hook, &btf);
+            match result {
+                Ok(()) => hooks.push(HookStatus { hook: hook.program, attached: true, error: None, lost: None }),
+                Err(e) if hook.required => {
+                    return Err(privilege_hint(e, &format!("attaching {}", hook.target())));
+                }
+                Err(e) => {
+                    log::warn!("{} not attached ({e:#}); lost: {}", hook.target(), hook.purpose);
+                    hooks.push(HookStatus {
+                        hook: hook.program,
+                        attached: false,
+                        error: Some(format!("{e:#}")),
+                        lost: Some(hook.purpose),
+                    });
+                }
+            }
+        }
+
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
+        let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
+        Ok(Self { _ebpf: ebpf, _logger: logger, events, stats, watch, hooks })
+    }
+
+    /// Adds a socket to the `--pid` watch list (sockets that predate us).
+    pub fn watch(&mut self, cookie: u64, tgid: u32) -> Result<()> {
+        self.watch.insert(cookie, tgid, 0).context("adding to the watch map")
+    }
+
+    pub fn stats(&self) -> Result<KernelStats> {
+        let sum = |i: u32| -> Result<u64> { Ok(self.stats.get(&i, 0)?.iter().sum()) };
+        Ok(KernelStats {
+            generated: sum(stats::GENERATED)?,
+            ringbuf_drops: sum(stats::RINGBUF_DROPS)?,
+            watch_full: sum(stats::WATCH_FULL)?,
+            fd_unresolved: sum(stats::FD_UNRESOLVED)?,
+            close_range_truncated: sum(stats::CLOSE_RANGE_TRUNCATED)?,
+        })
+    }
+
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self._logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    pub fn ring_fd(&self) -> i32 {
+        self.events.as_raw_fd()
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &hooks::Hook, btf: &aya::Btf) -> Result<()> {
+    let prog = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    match hook.attach {
+        Attach::BtfTracepoint(name) => {
+            let p: &mut BtfTracePoint = prog.try_into()?;
+            p.load(name, btf).map_err(verifier_detail)?;
+            p.attach()?;
+        }
+        Attach::Tracepoint(category, name) => {
+            tracefs::ensure_mounted()?;
+            let p: &mut TracePoint = prog.try_into()?;
+            p.load().map_err(verifier_detail)?;
+            p.attach(category, name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the verifier log (the useful part) in the error chain.
+fn verifier_detail(e: aya::programs::ProgramError) -> anyhow::Error {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            anyhow!("{io_error}\nverifier log:\n{verifier_log}")
+        }
+        other => anyhow!(other),
+    }
+}
+
+/// Turns EPERM/EACCES into the one thing a user needs to know.
+fn privilege_hint(e: anyhow::Error, doing: &str) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+        anyhow!("{doing} was refused by the kernel: run tracer as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")
+    } else {
+        e.context(format!("{doing} failed"))
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; harmless after.
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid struct.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// Refuses early, with the fix, when we clearly lack the privileges.
+pub fn check_privileges() -> Result<()> {
+    // SAFETY: geteuid has no failure mode.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 21;
+    const CAP_PERFMON: u64 = 38;
+    const CAP_BPF: u64 = 39;
+    let has = |c: u64| cap_eff & (1 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    bail!("tracer needs root to load eBPF programs: run it with sudo (or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")
+}

@@ -1,0 +1,75 @@
+//! JSON Lines: one object per line, each with a "type".
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::{EventOut, LeakOut, Sink, Start, Status, Summary};
+
+pub struct JsonSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        JsonSink { out }
+    }
+
+    fn line<T: Serialize>(&mut self, kind: &str, body: &T) -> io::Result<()> {
+        let mut v = serde_json::to_value(body).map_err(io::Error::other)?;
+        if let Some(obj) = v.as_object_mut() {
+            // "type" first reads better; serde_json keeps insertion order
+            // only with preserve_order, so build a fresh map.
+            let mut m = serde_json::Map::with_capacity(obj.len() + 1);
+            m.insert("type".into(), json!(kind));
+            m.extend(std::mem::take(obj));
+            v = serde_json::Value::Object(m);
+        }
+        serde_json::to_writer(&mut self.out, &v).map_err(io::Error::other)?;
+        self.out.write_all(b"\n")
+    }
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn start(&mut self, s: &Start) -> io::Result<()> {
+        self.line("start", s)?;
+        self.flush()
+    }
+
+    fn event(&mut self, e: &EventOut) -> io::Result<()> {
+        self.line("event", e)
+    }
+
+    fn leak(&mut self, l: &LeakOut) -> io::Result<()> {
+        self.line("leak", l)
+    }
+
+    fn late_close(&mut self, l: &LeakOut, closed_after_ms: u64, aborted: bool) -> io::Result<()> {
+        #[derive(Serialize)]
+        struct Late<'a> {
+            #[serde(flatten)]
+            leak: &'a LeakOut,
+            closed_after_ms: u64,
+            aborted: bool,
+        }
+        self.line("late_close", &Late { leak: l, closed_after_ms, aborted })
+    }
+
+    fn status(&mut self, s: &Status) -> io::Result<()> {
+        self.line("status", s)
+    }
+
+    fn process_exit(&mut self, pid: u32) -> io::Result<()> {
+        self.line("process_exit", &json!({ "pid": pid }))
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        self.line("summary", s)?;
+        self.flush()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}

@@ -1,0 +1,134 @@
+//! The TCP sockets that exist right now, from the kernel's sock_diag
+//! netlink interface, joined with /proc to find who holds them. A leak that
+//! predates the tracer is the common case, so this runs at start-up.
+
+use std::net::SocketAddr;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_sock_diag::{
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{nlas::Nla, ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags},
+    SockDiagMessage,
+};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
+
+use crate::{
+    correlate::{Endpoints, SnapshotSocket},
+    procs,
+};
+
+/// One socket as sock_diag reports it.
+#[derive(Clone, Debug)]
+pub struct DiagSocket {
+    pub cookie: u64,
+    pub state: u8,
+    pub endpoints: Endpoints,
+    pub inode: u64,
+    pub recv_queue: u32,
+    pub last_ack_age_ms: Option<u32>,
+}
+
+/// Every IPv4 and IPv6 TCP socket (all states).
+pub fn dump_tcp() -> Result<Vec<DiagSocket>> {
+    let mut out = dump_family(AF_INET)?;
+    out.extend(dump_family(AF_INET6)?);
+    Ok(out)
+}
+
+fn dump_family(family: u8) -> Result<Vec<DiagSocket>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
+    socket.bind_auto().context("binding the sock_diag socket")?;
+    socket.connect(&NlAddr::new(0, 0)).context("connecting the sock_diag socket")?;
+
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
+            states: StateFlags::all(),
+            socket_id,
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0).context("sending the sock_diag request")?;
+
+    let mut out = Vec::new();
+    let mut rx = Vec::with_capacity(64 * 1024);
+    loop {
+        rx.clear();
+        let n = socket.recv(&mut rx, 0).context("reading sock_diag")?;
+        if n == 0 {
+            bail!("sock_diag closed the dump early");
+        }
+        let mut offset = 0;
+        while offset < n {
+            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[offset..n])
+                .map_err(|e| anyhow!("bad sock_diag message: {e}"))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => out.push(convert(&r)),
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => bail!("sock_diag error: {e}"),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+    }
+}
+
+fn convert(r: &InetResponse) -> DiagSocket {
+    let h = &r.header;
+    let id = &h.socket_id;
+    // The kernel stores the cookie as two host-order u32 halves.
+    let lo = u32::from_ne_bytes(id.cookie[..4].try_into().expect("4 bytes"));
+    let hi = u32::from_ne_bytes(id.cookie[4..].try_into().expect("4 bytes"));
+    let last_ack_age_ms = r.nlas.iter().find_map(|n| match n {
+        Nla::TcpInfo(i) => Some(i.last_ack_recv),
+        _ => None,
+    });
+    DiagSocket {
+        cookie: u64::from(lo) | (u64::from(hi) << 32),
+        state: h.state,
+        endpoints: Endpoints {
+            local: SocketAddr::new(id.source_address, id.source_port),
+            remote: SocketAddr::new(id.destination_address, id.destination_port),
+        },
+        inode: u64::from(h.inode),
+        recv_queue: h.recv_queue,
+        last_ack_age_ms,
+    }
+}
+
+/// Existing sockets with their holders; with `only_pid`, just that
+/// process's sockets.
+pub fn take(only_pid: Option<u32>) -> Result<Vec<SnapshotSocket>> {
+    let sockets = dump_tcp()?;
+    let holders = procs::socket_holders(only_pid);
+    let mut comms = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for s in sockets {
+        let holder = holders.get(&s.inode).and_then(|h| h.first()).copied();
+        if only_pid.is_some() && holder.is_none() {
+            continue;
+        }
+        out.push(SnapshotSocket {
+            cookie: s.cookie,
+            state: s.state,
+            endpoints: s.endpoints,
+            holder: holder.map(|h| (h.pid, *comms.entry(h.pid).or_insert_with(|| procs::comm_of(h.pid)), h.fd)),
+            last_ack_age_ns: s.last_ack_age_ms.map(|ms| u64::from(ms) * 1_000_000),
+        });
+    }
+    Ok(out)
+}
