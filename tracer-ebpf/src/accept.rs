@@ -2,11 +2,7 @@
 //! socket, in the accepting process. Passive sockets are created in softirq,
 //! so this is the first moment their owner is known.
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 use tracer_common::{stats, EventKind, FdEvent};
 
 use crate::{config, emit, fdsock, maps};

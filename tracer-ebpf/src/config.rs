@@ -29,7 +29,6 @@ pub fn filter_tgid() -> u32 {
     volatile(&CONFIG.filter_tgid)
 }
 
-
 #[inline(always)]
 pub fn wakeup_bytes() -> u64 {
     volatile(&CONFIG.wakeup_bytes)

@@ -3,8 +3,8 @@
 //! the change runs: the owner's syscall, softirq, or a peer's process.
 
 use aya_ebpf::{
-    cty::c_void, helpers::bpf_get_current_pid_tgid, helpers::generated::bpf_get_socket_cookie,
-    macros::btf_tracepoint, programs::BtfTracePointContext,
+    cty::c_void, helpers::bpf_get_current_pid_tgid, helpers::generated::bpf_get_socket_cookie, macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use tracer_common::{
     event::{AF_INET, AF_INET6},

@@ -24,7 +24,10 @@ pub struct WallClock {
 impl WallClock {
     pub fn now() -> Self {
         let mono = monotonic_ns() as i128;
-        let real = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i128;
+        let real = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i128;
         WallClock { offset_ns: real - mono }
     }
 

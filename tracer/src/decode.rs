@@ -22,7 +22,11 @@ impl Event {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than its {need}-byte {what}")]
-    Short { what: &'static str, len: usize, need: usize },
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
 }
@@ -30,7 +34,11 @@ pub enum DecodeError {
 fn read<T: Copy>(buf: &[u8], what: &'static str) -> Result<T, DecodeError> {
     let need = std::mem::size_of::<T>();
     if buf.len() < need {
-        return Err(DecodeError::Short { what, len: buf.len(), need });
+        return Err(DecodeError::Short {
+            what,
+            len: buf.len(),
+            need,
+        });
     }
     // SAFETY: length checked; T is a repr(C) plain-old-data wire type, valid
     // for any bit pattern; read_unaligned copes with any alignment.
@@ -47,7 +55,8 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     }
 }
 
-/// Bytes of a wire struct, for tests and for writing records.
+/// Bytes of a wire struct, for tests (and, later, for writing records).
+#[cfg(test)]
 pub fn bytes_of<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a repr(C) wire type with explicit padding (no
     // uninitialised bytes); the slice lives as long as the borrow.
@@ -86,7 +95,11 @@ mod tests {
         };
         assert_eq!(decode(bytes_of(&st)), Ok(Event::State(st)));
         for kind in [EventKind::Accept, EventKind::Close] {
-            let fe = FdEvent { header: header(kind), fd: 5, _pad: 0 };
+            let fe = FdEvent {
+                header: header(kind),
+                fd: 5,
+                _pad: 0,
+            };
             let ev = decode(bytes_of(&fe)).unwrap();
             assert_eq!(ev.header().kind, kind as u32);
             match ev {
@@ -109,8 +122,17 @@ mod tests {
             newstate: 8,
         };
         let b = bytes_of(&st);
-        assert!(matches!(decode(&b[..60]), Err(DecodeError::Short { what: "state event", .. })));
-        assert!(matches!(decode(&b[..10]), Err(DecodeError::Short { what: "header", .. })));
+        assert!(matches!(
+            decode(&b[..60]),
+            Err(DecodeError::Short {
+                what: "state event",
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(&b[..10]),
+            Err(DecodeError::Short { what: "header", .. })
+        ));
         let mut h = header(EventKind::State);
         h.kind = 77;
         assert_eq!(decode(bytes_of(&h)), Err(DecodeError::UnknownKind(77)));

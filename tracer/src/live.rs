@@ -151,11 +151,17 @@ pub async fn run(args: LiveArgs) -> Result<()> {
     };
 
     if reason != "output_closed" {
-        live.drain(&mut kernel, sink.as_mut()).or_else(|e| output_error(e).map(|_| ()))?;
+        live.drain(&mut kernel, sink.as_mut())
+            .or_else(|e| output_error(e).map(|_| ()))?;
         let now = clock::monotonic_ns();
-        live.sweep(now, sink.as_mut()).or_else(|e| output_error(e).map(|_| ()))?;
-        let leaks: Vec<LeakOut> =
-            live.corr.current_leaks(now).iter().map(|l| LeakOut::new(l, &mut live.procs)).collect();
+        live.sweep(now, sink.as_mut())
+            .or_else(|e| output_error(e).map(|_| ()))?;
+        let leaks: Vec<LeakOut> = live
+            .corr
+            .current_leaks(now)
+            .iter()
+            .map(|l| LeakOut::new(l, &mut live.procs))
+            .collect();
         let summary = Summary {
             duration_ms: now.saturating_sub(start_ns) / 1_000_000,
             reason,
@@ -192,7 +198,10 @@ fn seed_from_snapshot(kernel: &mut Kernel, corr: &mut Correlator, pid: Option<u3
             kernel.watch(s.cookie, pid)?;
         }
         let watched: std::collections::HashSet<u64> = snap.iter().map(|s| s.cookie).collect();
-        snap = snapshot::take(Some(pid))?.into_iter().filter(|s| watched.contains(&s.cookie)).collect();
+        snap = snapshot::take(Some(pid))?
+            .into_iter()
+            .filter(|s| watched.contains(&s.cookie))
+            .collect();
     }
     let now = clock::monotonic_ns();
     for s in &snap {
@@ -264,9 +273,15 @@ impl Live {
         for v in self.verdicts.drain(..) {
             match v {
                 Verdict::Leak(l) => sink.leak(&LeakOut::new(&l, &mut self.procs))?,
-                Verdict::LateClose { leak, closed_after_ns, aborted } => {
-                    sink.late_close(&LeakOut::new(&leak, &mut self.procs), closed_after_ns / 1_000_000, aborted)?
-                }
+                Verdict::LateClose {
+                    leak,
+                    closed_after_ns,
+                    aborted,
+                } => sink.late_close(
+                    &LeakOut::new(&leak, &mut self.procs),
+                    closed_after_ns / 1_000_000,
+                    aborted,
+                )?,
             }
         }
         Ok(())

@@ -22,7 +22,10 @@ pub fn socket_holders(only_pid: Option<u32>) -> HashMap<u64, Vec<Holder>> {
         let Ok(fds) = p.fd() else { return };
         for fd in fds.flatten() {
             if let FDTarget::Socket(inode) = fd.target {
-                map.entry(inode).or_default().push(Holder { pid: p.pid() as u32, fd: fd.fd });
+                map.entry(inode).or_default().push(Holder {
+                    pid: p.pid() as u32,
+                    fd: fd.fd,
+                });
             }
         }
     };
@@ -73,7 +76,10 @@ pub struct ProcCache {
 
 impl ProcCache {
     pub fn new(cap: usize) -> Self {
-        ProcCache { map: HashMap::new(), cap }
+        ProcCache {
+            map: HashMap::new(),
+            cap,
+        }
     }
 
     pub fn learn(&mut self, pid: u32) {

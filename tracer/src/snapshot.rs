@@ -25,7 +25,6 @@ pub struct DiagSocket {
     pub state: u8,
     pub endpoints: Endpoints,
     pub inode: u64,
-    pub recv_queue: u32,
     pub last_ack_age_ms: Option<u32>,
 }
 
@@ -39,11 +38,17 @@ pub fn dump_tcp() -> Result<Vec<DiagSocket>> {
 fn dump_family(family: u8) -> Result<Vec<DiagSocket>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
     socket.bind_auto().context("binding the sock_diag socket")?;
-    socket.connect(&NlAddr::new(0, 0)).context("connecting the sock_diag socket")?;
+    socket
+        .connect(&NlAddr::new(0, 0))
+        .context("connecting the sock_diag socket")?;
 
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    let socket_id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
     let mut packet = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
@@ -105,7 +110,6 @@ fn convert(r: &InetResponse) -> DiagSocket {
             remote: SocketAddr::new(id.destination_address, id.destination_port),
         },
         inode: u64::from(h.inode),
-        recv_queue: h.recv_queue,
         last_ack_age_ms,
     }
 }
@@ -126,7 +130,13 @@ pub fn take(only_pid: Option<u32>) -> Result<Vec<SnapshotSocket>> {
             cookie: s.cookie,
             state: s.state,
             endpoints: s.endpoints,
-            holder: holder.map(|h| (h.pid, *comms.entry(h.pid).or_insert_with(|| procs::comm_of(h.pid)), h.fd)),
+            holder: holder.map(|h| {
+                (
+                    h.pid,
+                    *comms.entry(h.pid).or_insert_with(|| procs::comm_of(h.pid)),
+                    h.fd,
+                )
+            }),
             last_ack_age_ns: s.last_ack_age_ms.map(|ms| u64::from(ms) * 1_000_000),
         });
     }

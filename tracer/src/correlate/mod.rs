@@ -81,7 +81,11 @@ impl Table {
     /// Finds the socket an fd event names, creating it if we have never seen
     /// it (it predates us and the snapshot missed it).
     fn fd_socket(&mut self, h: &Header, stats: &mut CorrelatorStats) -> Option<&mut Socket> {
-        let cookie = if h.cookie != 0 { h.cookie } else { *self.by_skaddr.get(&h.skaddr)? };
+        let cookie = if h.cookie != 0 {
+            h.cookie
+        } else {
+            *self.by_skaddr.get(&h.skaddr)?
+        };
         self.entry(cookie, h.skaddr, stats)
     }
 
@@ -99,16 +103,24 @@ impl Correlator {
         Correlator {
             leak_after_ns,
             filter_pid,
-            table: Table { max_sockets, sockets: HashMap::new(), by_skaddr: HashMap::new() },
+            table: Table {
+                max_sockets,
+                sockets: HashMap::new(),
+                by_skaddr: HashMap::new(),
+            },
             pending: BTreeSet::new(),
             stats: CorrelatorStats::default(),
         }
     }
 
     pub fn stats(&self) -> CorrelatorStats {
-        CorrelatorStats { sockets_tracked: self.table.sockets.len(), ..self.stats }
+        CorrelatorStats {
+            sockets_tracked: self.table.sockets.len(),
+            ..self.stats
+        }
     }
 
+    #[cfg(test)]
     pub fn socket(&self, cookie: u64) -> Option<&Socket> {
         self.table.sockets.get(&cookie)
     }
@@ -125,17 +137,26 @@ impl Correlator {
     /// A socket that existed before tracing started. Its state is as of
     /// `now_ns`; older events for it only add ownership.
     pub fn on_snapshot(&mut self, snap: &SnapshotSocket, now_ns: u64) {
-        let Some(sock) = self.table.entry(snap.cookie, 0, &mut self.stats) else { return };
+        let Some(sock) = self.table.entry(snap.cookie, 0, &mut self.stats) else {
+            return;
+        };
         sock.endpoints = Some(snap.endpoints);
         sock.state = snap.state;
         sock.state_ns = now_ns;
         if let Some((pid, comm, fd)) = snap.holder {
-            sock.owner.get_or_insert(Owner { pid, comm, source: OwnerSource::Snapshot });
+            sock.owner.get_or_insert(Owner {
+                pid,
+                comm,
+                source: OwnerSource::Snapshot,
+            });
             sock.fd = Some(fd);
         }
         if snap.state == tcp::CLOSE_WAIT && sock.close_wait.is_none() {
             let age = snap.last_ack_age_ns.unwrap_or(0);
-            let since = Since { ns: now_ns.saturating_sub(age), estimated: true };
+            let since = Since {
+                ns: now_ns.saturating_sub(age),
+                estimated: true,
+            };
             sock.close_wait = Some(since);
             self.pending.insert((since.ns, snap.cookie));
         }
@@ -144,7 +165,9 @@ impl Correlator {
     fn on_state(&mut self, ev: &StateEvent, out: &mut Vec<Verdict>) {
         let h = &ev.header;
         let leak_after = self.leak_after_ns;
-        let Some(sock) = self.table.entry(h.cookie, h.skaddr, &mut self.stats) else { return };
+        let Some(sock) = self.table.entry(h.cookie, h.skaddr, &mut self.stats) else {
+            return;
+        };
         // Later events carry the full tuple (the port is bound after
         // SYN_SENT), so refresh unless it is all zeros.
         let ep = Endpoints::from_event(ev);
@@ -153,7 +176,11 @@ impl Correlator {
         }
         if ev.oldstate == tcp::CLOSE && ev.newstate == tcp::SYN_SENT {
             // connect() runs this transition in the owner's own syscall.
-            sock.owner = Some(Owner { pid: h.tgid, comm: Comm(h.comm), source: OwnerSource::Connect });
+            sock.owner = Some(Owner {
+                pid: h.tgid,
+                comm: Comm(h.comm),
+                source: OwnerSource::Connect,
+            });
         }
         if h.ktime_ns < sock.state_ns {
             // The snapshot is newer than this event; it can only sharpen an
@@ -161,7 +188,10 @@ impl Correlator {
             if ev.newstate == tcp::CLOSE_WAIT && sock.state == tcp::CLOSE_WAIT {
                 if let Some(since) = sock.close_wait.filter(|s| s.estimated) {
                     self.pending.remove(&(since.ns, h.cookie));
-                    let exact = Since { ns: h.ktime_ns, estimated: false };
+                    let exact = Since {
+                        ns: h.ktime_ns,
+                        estimated: false,
+                    };
                     sock.close_wait = Some(exact);
                     if !sock.leak_reported {
                         self.pending.insert((exact.ns, h.cookie));
@@ -174,7 +204,10 @@ impl Correlator {
         sock.state_ns = h.ktime_ns;
 
         if ev.newstate == tcp::CLOSE_WAIT {
-            let since = Since { ns: h.ktime_ns, estimated: false };
+            let since = Since {
+                ns: h.ktime_ns,
+                estimated: false,
+            };
             sock.close_wait = Some(since);
             self.pending.insert((since.ns, h.cookie));
         } else if let Some(since) = sock.close_wait.take() {
@@ -204,17 +237,34 @@ impl Correlator {
 
     fn on_accept(&mut self, ev: &FdEvent) {
         let h = ev.header;
-        let Some(sock) = self.table.fd_socket(&h, &mut self.stats) else { return };
-        sock.owner = Some(Owner { pid: h.tgid, comm: Comm(h.comm), source: OwnerSource::Accept });
+        let Some(sock) = self.table.fd_socket(&h, &mut self.stats) else {
+            return;
+        };
+        sock.owner = Some(Owner {
+            pid: h.tgid,
+            comm: Comm(h.comm),
+            source: OwnerSource::Accept,
+        });
         sock.fd = Some(ev.fd);
     }
 
     fn on_close(&mut self, ev: &FdEvent) {
         let h = ev.header;
-        let Some(sock) = self.table.fd_socket(&h, &mut self.stats) else { return };
-        sock.last_close = Some(CloseCall { pid: h.tgid, tid: h.tid, fd: ev.fd, ns: h.ktime_ns });
+        let Some(sock) = self.table.fd_socket(&h, &mut self.stats) else {
+            return;
+        };
+        sock.last_close = Some(CloseCall {
+            pid: h.tgid,
+            tid: h.tid,
+            fd: ev.fd,
+            ns: h.ktime_ns,
+        });
         if sock.owner.is_none() {
-            sock.owner = Some(Owner { pid: h.tgid, comm: Comm(h.comm), source: OwnerSource::Close });
+            sock.owner = Some(Owner {
+                pid: h.tgid,
+                comm: Comm(h.comm),
+                source: OwnerSource::Close,
+            });
         }
     }
 
@@ -226,7 +276,9 @@ impl Correlator {
                 break;
             }
             self.pending.pop_first();
-            let Some(sock) = self.table.sockets.get_mut(&cookie) else { continue };
+            let Some(sock) = self.table.sockets.get_mut(&cookie) else {
+                continue;
+            };
             let Some(since) = sock.close_wait else { continue };
             if !wanted(self.filter_pid, sock) {
                 continue;
@@ -260,7 +312,10 @@ fn wanted(filter_pid: Option<u32>, sock: &Socket) -> bool {
 
 /// Going straight to CLOSE from a connected state means RST or abort.
 fn is_reset(oldstate: u8) -> bool {
-    matches!(oldstate, tcp::ESTABLISHED | tcp::CLOSE_WAIT | tcp::SYN_SENT | tcp::SYN_RECV)
+    matches!(
+        oldstate,
+        tcp::ESTABLISHED | tcp::CLOSE_WAIT | tcp::SYN_SENT | tcp::SYN_RECV
+    )
 }
 
 fn report(sock: &Socket, since: Since, now_ns: u64) -> LeakReport {

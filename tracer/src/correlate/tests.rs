@@ -17,7 +17,16 @@ fn comm(s: &str) -> [u8; COMM_LEN] {
 
 fn hdr(kind: EventKind, t_ms: u64, tgid: u32, cookie: u64, skaddr: u64) -> Header {
     let name = if tgid == CLIENT { "client" } else { "server" };
-    Header { kind: kind as u32, cpu: 0, ktime_ns: t_ms * MS, tgid, tid: tgid, comm: comm(name), cookie, skaddr }
+    Header {
+        kind: kind as u32,
+        cpu: 0,
+        ktime_ns: t_ms * MS,
+        tgid,
+        tid: tgid,
+        comm: comm(name),
+        cookie,
+        skaddr,
+    }
 }
 
 fn state(t_ms: u64, ctx_tgid: u32, cookie: u64, skaddr: u64, old: u8, new: u8) -> Event {
@@ -34,7 +43,11 @@ fn state(t_ms: u64, ctx_tgid: u32, cookie: u64, skaddr: u64, old: u8, new: u8) -
 }
 
 fn fd_event(kind: EventKind, t_ms: u64, tgid: u32, cookie: u64, skaddr: u64, fd: i32) -> Event {
-    let e = FdEvent { header: hdr(kind, t_ms, tgid, cookie, skaddr), fd, _pad: 0 };
+    let e = FdEvent {
+        header: hdr(kind, t_ms, tgid, cookie, skaddr),
+        fd,
+        _pad: 0,
+    };
     if kind == EventKind::Accept {
         Event::Accept(e)
     } else {
@@ -45,9 +58,25 @@ fn fd_event(kind: EventKind, t_ms: u64, tgid: u32, cookie: u64, skaddr: u64, fd:
 /// A client connection whose FIN arrives at `fin_ms`. On loopback the FIN
 /// is processed in the *server's* context: the correlator must not care.
 fn connect_then_fin(c: &mut Correlator, cookie: u64, fin_ms: u64, out: &mut Vec<Verdict>) {
-    c.on_event(&state(0, CLIENT, cookie, 0xa000 + cookie, tcp::CLOSE, tcp::SYN_SENT), out);
-    c.on_event(&state(1, CLIENT, cookie, 0xa000 + cookie, tcp::SYN_SENT, tcp::ESTABLISHED), out);
-    c.on_event(&state(fin_ms, SERVER, cookie, 0xa000 + cookie, tcp::ESTABLISHED, tcp::CLOSE_WAIT), out);
+    c.on_event(
+        &state(0, CLIENT, cookie, 0xa000 + cookie, tcp::CLOSE, tcp::SYN_SENT),
+        out,
+    );
+    c.on_event(
+        &state(1, CLIENT, cookie, 0xa000 + cookie, tcp::SYN_SENT, tcp::ESTABLISHED),
+        out,
+    );
+    c.on_event(
+        &state(
+            fin_ms,
+            SERVER,
+            cookie,
+            0xa000 + cookie,
+            tcp::ESTABLISHED,
+            tcp::CLOSE_WAIT,
+        ),
+        out,
+    );
 }
 
 fn leaks(out: &[Verdict]) -> Vec<&LeakReport> {
@@ -101,7 +130,10 @@ fn accepted_socket_belongs_to_the_acceptor() {
     c.on_event(&state(3, CLIENT, 7, 0xb7, tcp::ESTABLISHED, tcp::CLOSE_WAIT), &mut out);
     c.sweep(3 * MS + LEAK_AFTER, &mut out);
     let l = leaks(&out);
-    assert_eq!(l[0].owner.map(|o| (o.pid, o.source)), Some((SERVER, OwnerSource::Accept)));
+    assert_eq!(
+        l[0].owner.map(|o| (o.pid, o.source)),
+        Some((SERVER, OwnerSource::Accept))
+    );
     assert_eq!(l[0].fd, Some(9));
 }
 
@@ -125,9 +157,16 @@ fn late_close_after_report() {
     connect_then_fin(&mut c, 1, 10, &mut out);
     c.sweep(10 * MS + LEAK_AFTER, &mut out);
     let closed_at = 10 * MS + 3 * LEAK_AFTER;
-    c.on_event(&state(closed_at / MS, CLIENT, 1, 0xa001, tcp::CLOSE_WAIT, tcp::LAST_ACK), &mut out);
+    c.on_event(
+        &state(closed_at / MS, CLIENT, 1, 0xa001, tcp::CLOSE_WAIT, tcp::LAST_ACK),
+        &mut out,
+    );
     match out.last() {
-        Some(Verdict::LateClose { leak, closed_after_ns, aborted }) => {
+        Some(Verdict::LateClose {
+            leak,
+            closed_after_ns,
+            aborted,
+        }) => {
             assert_eq!(leak.cookie, 1);
             assert_eq!(*closed_after_ns, 2 * LEAK_AFTER);
             assert!(!aborted);
@@ -173,7 +212,10 @@ fn kernel_address_reuse_does_not_merge_sockets() {
     c.on_event(&state(5, CLIENT, 2, 0xa001, tcp::SYN_RECV, tcp::ESTABLISHED), &mut out);
     // The accept hook had no cookie: it must resolve to socket 2 by address.
     c.on_event(&fd_event(EventKind::Accept, 6, SERVER, 0, 0xa001, 4), &mut out);
-    c.on_event(&state(7, CLIENT, 2, 0xa001, tcp::ESTABLISHED, tcp::CLOSE_WAIT), &mut out);
+    c.on_event(
+        &state(7, CLIENT, 2, 0xa001, tcp::ESTABLISHED, tcp::CLOSE_WAIT),
+        &mut out,
+    );
     c.sweep(7 * MS + LEAK_AFTER, &mut out);
     let l = leaks(&out);
     assert_eq!(l.len(), 1);
@@ -185,7 +227,10 @@ fn kernel_address_reuse_does_not_merge_sockets() {
 fn preexisting_close_wait_is_estimated_and_sharpened_by_older_events() {
     let mut c = Correlator::new(LEAK_AFTER, None, 1000);
     let mut out = vec![];
-    let ep = Endpoints { local: "127.0.0.1:4000".parse().unwrap(), remote: "127.0.0.1:80".parse().unwrap() };
+    let ep = Endpoints {
+        local: "127.0.0.1:4000".parse().unwrap(),
+        remote: "127.0.0.1:80".parse().unwrap(),
+    };
     let now = 100_000 * MS;
     c.on_snapshot(
         &SnapshotSocket {
@@ -202,13 +247,25 @@ fn preexisting_close_wait_is_estimated_and_sharpened_by_older_events() {
     assert_eq!(l.len(), 1);
     assert!(l[0].since.estimated);
     assert_eq!(l[0].close_wait_ns, 30_000 * MS);
-    assert_eq!(l[0].owner.map(|o| (o.pid, o.source)), Some((CLIENT, OwnerSource::Snapshot)));
+    assert_eq!(
+        l[0].owner.map(|o| (o.pid, o.source)),
+        Some((CLIENT, OwnerSource::Snapshot))
+    );
     assert_eq!(l[0].fd, Some(6));
     // A transition older than the snapshot must not roll its state back.
-    c.on_event(&state(99_000, SERVER, 9, 0xc9, tcp::ESTABLISHED, tcp::CLOSE_WAIT), &mut out);
+    c.on_event(
+        &state(99_000, SERVER, 9, 0xc9, tcp::ESTABLISHED, tcp::CLOSE_WAIT),
+        &mut out,
+    );
     let s = c.socket(9).unwrap();
     assert_eq!(s.state, tcp::CLOSE_WAIT);
-    assert_eq!(s.close_wait, Some(Since { ns: 99_000 * MS, estimated: false }));
+    assert_eq!(
+        s.close_wait,
+        Some(Since {
+            ns: 99_000 * MS,
+            estimated: false
+        })
+    );
 }
 
 #[test]

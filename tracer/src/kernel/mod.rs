@@ -74,17 +74,19 @@ impl Kernel {
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(l) => Some(l),
-            // No log statements compiled in: nothing to read.
-            Err(_) => None,
-        };
+        // Err only when no log statement is compiled in: nothing to read then.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
 
         let mut hooks = Vec::new();
         for hook in HOOKS {
             let result = attach(&mut ebpf, hook, &btf);
             match result {
-                Ok(()) => hooks.push(HookStatus { hook: hook.program, attached: true, error: None, lost: None }),
+                Ok(()) => hooks.push(HookStatus {
+                    hook: hook.program,
+                    attached: true,
+                    error: None,
+                    lost: None,
+                }),
                 Err(e) if hook.required => {
                     return Err(privilege_hint(e, &format!("attaching {}", hook.target())));
                 }
@@ -103,7 +105,14 @@ impl Kernel {
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
-        Ok(Self { _ebpf: ebpf, _logger: logger, events, stats, watch, hooks })
+        Ok(Self {
+            _ebpf: ebpf,
+            _logger: logger,
+            events,
+            stats,
+            watch,
+            hooks,
+        })
     }
 
     /// Adds a socket to the `--pid` watch list (sockets that predate us).
@@ -167,7 +176,9 @@ fn verifier_detail(e: aya::programs::ProgramError) -> anyhow::Error {
 fn privilege_hint(e: anyhow::Error, doing: &str) -> anyhow::Error {
     let text = format!("{e:#}");
     if text.contains("Operation not permitted") || text.contains("Permission denied") {
-        anyhow!("{doing} was refused by the kernel: run tracer as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")
+        anyhow!(
+            "{doing} was refused by the kernel: run tracer as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
+        )
     } else {
         e.context(format!("{doing} failed"))
     }
@@ -175,7 +186,10 @@ fn privilege_hint(e: anyhow::Error, doing: &str) -> anyhow::Error {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; harmless after.
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid struct.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }

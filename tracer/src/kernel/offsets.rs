@@ -69,7 +69,7 @@ fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32, dep
         let bits = base_bits + m.bit_offset();
         let name = btf.resolve_name(m).unwrap_or_default();
         if name == member {
-            if bits % 8 != 0 {
+            if !bits.is_multiple_of(8) {
                 bail!("{member} is a bitfield");
             }
             return Ok(Some(bits / 8));

@@ -17,9 +17,7 @@ pub fn ensure_mounted() -> Result<()> {
     let fstype = std::ffi::CString::new("tracefs").expect("no NUL");
     let source = std::ffi::CString::new("nodev").expect("no NUL");
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("tracefs is not mounted and mounting it on {MOUNT_POINT} failed"));

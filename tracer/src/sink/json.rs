@@ -53,7 +53,14 @@ impl<W: Write> Sink for JsonSink<W> {
             closed_after_ms: u64,
             aborted: bool,
         }
-        self.line("late_close", &Late { leak: l, closed_after_ms, aborted })
+        self.line(
+            "late_close",
+            &Late {
+                leak: l,
+                closed_after_ms,
+                aborted,
+            },
+        )
     }
 
     fn status(&mut self, s: &Status) -> io::Result<()> {

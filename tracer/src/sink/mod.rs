@@ -64,7 +64,10 @@ impl LeakOut {
             (None, _) => String::new(),
         };
         let ep = |f: fn(&crate::correlate::Endpoints) -> std::net::SocketAddr| {
-            l.endpoints.as_ref().map(|e| f(e).to_string()).unwrap_or_else(|| "?".into())
+            l.endpoints
+                .as_ref()
+                .map(|e| f(e).to_string())
+                .unwrap_or_else(|| "?".into())
         };
         LeakOut {
             pid,
@@ -77,7 +80,11 @@ impl LeakOut {
             close_wait_estimated: l.since.estimated,
             fd: l.fd,
             owner_source: l.owner.map(|o| o.source),
-            fd_closed_by: l.last_close.map(|c| ClosedBy { pid: c.pid, tid: c.tid, fd: c.fd }),
+            fd_closed_by: l.last_close.map(|c| ClosedBy {
+                pid: c.pid,
+                tid: c.tid,
+                fd: c.fd,
+            }),
         }
     }
 }
@@ -158,7 +165,12 @@ pub fn group(leaks: &[LeakOut]) -> Vec<Group> {
             }),
         }
     }
-    groups.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)).then(a.remote.cmp(&b.remote)));
+    groups.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.pid.cmp(&b.pid))
+            .then(a.remote.cmp(&b.remote))
+    });
     groups
 }
 

@@ -29,7 +29,11 @@ fn who(l: &LeakOut) -> String {
 
 fn describe(l: &LeakOut) -> String {
     let fd = l.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
-    let est = if l.close_wait_estimated { " (at least; was already there at start)" } else { "" };
+    let est = if l.close_wait_estimated {
+        " (at least; was already there at start)"
+    } else {
+        ""
+    };
     let mut s = format!(
         "{}{fd}  {} -> {}  in CLOSE_WAIT {}{est}  cookie {}",
         who(l),
@@ -39,7 +43,10 @@ fn describe(l: &LeakOut) -> String {
         l.cookie
     );
     if let Some(c) = l.fd_closed_by {
-        s.push_str(&format!("  [fd {} closed by pid {} tid {}, socket still held elsewhere]", c.fd, c.pid, c.tid));
+        s.push_str(&format!(
+            "  [fd {} closed by pid {} tid {}, socket still held elsewhere]",
+            c.fd, c.pid, c.tid
+        ));
     }
     s
 }
@@ -57,13 +64,22 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             s.preexisting_sockets
         )?;
         for h in s.hooks.iter().filter(|h| !h.attached) {
-            writeln!(self.err, "tracer: warning: {} not attached; lost: {}", h.hook, h.lost.unwrap_or("?"))?;
+            writeln!(
+                self.err,
+                "tracer: warning: {} not attached; lost: {}",
+                h.hook,
+                h.lost.unwrap_or("?")
+            )?;
         }
         self.err.flush()
     }
 
     fn event(&mut self, e: &EventOut) -> io::Result<()> {
-        write!(self.out, "{} {:6} cookie {} task {}/{} ({})", e.time, e.kind, e.cookie, e.task_pid, e.task_tid, e.task_comm)?;
+        write!(
+            self.out,
+            "{} {:6} cookie {} task {}/{} ({})",
+            e.time, e.kind, e.cookie, e.task_pid, e.task_tid, e.task_comm
+        )?;
         if let (Some(o), Some(n)) = (e.old_state, e.new_state) {
             write!(self.out, " {o} -> {n}")?;
         }
@@ -141,7 +157,11 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors
         )?;
         if k.ringbuf_drops > 0 {
-            writeln!(o, "WARNING: {} events were dropped (ring buffer full): findings may be incomplete", k.ringbuf_drops)?;
+            writeln!(
+                o,
+                "WARNING: {} events were dropped (ring buffer full): findings may be incomplete",
+                k.ringbuf_drops
+            )?;
         }
         self.flush()
     }

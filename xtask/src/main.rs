@@ -1,0 +1,49 @@
+//! Developer tasks for tracer: `cargo xtask <command>` (alias in
+//! .cargo/config.toml). Plain Rust instead of shell scripts so that the same
+//! logic runs on developer machines and in CI.
+
+mod lint;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "Developer tasks for tracer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check, and install if missing, the pinned nightly, LLVM 22, bpf-linker and ss.
+    Setup,
+    /// Setup, build the binaries, then run the whole test suite.
+    Test(test::Args),
+    /// Setup, build tracer (release) and run it with the given arguments.
+    Run(run::Args),
+    /// Setup, then cargo fmt --check and cargo clippy -D warnings.
+    Lint,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::run().map(|_| 0),
+        Cmd::Test(args) => test::run(args).map(|()| 0),
+        Cmd::Run(args) => run::run(args),
+        Cmd::Lint => lint::run().map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One line, the whole context chain, never a backtrace (even with
+            // RUST_BACKTRACE set): these errors are for users, not for us.
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! `cargo xtask test`: the one command that builds and tests everything,
+//! locally and in CI (.ci/run).
+
+use std::ffi::OsString;
+
+use anyhow::{ensure, Result};
+
+use crate::setup;
+use crate::util::{self, run_step, run_step_with_stdout};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Extra arguments for `cargo test`, after `--` (for example
+    /// `cargo xtask test -- some_test -- --nocapture`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO_TEST_ARGS")]
+    cargo_test_args: Vec<OsString>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let env = setup::run()?;
+
+    if !util::is_root() {
+        eprintln!(
+            "warning: not running as root: the privileged integration tests (loading eBPF) will skip, or fail under CI"
+        );
+    }
+
+    // The tests run the real binaries (tracer and the tcp-fixture of
+    // tracer-tests), so build them first; `cargo test` alone builds only
+    // tcp-fixture for its own package.
+    //
+    // No --workspace: the root's default-members leave out tracer-ebpf,
+    // which only builds for the BPF target (tracer/build.rs does that) and
+    // whose `tracer` binary would collide with the agent's.
+    run_step("build", env.cargo().args(["build", "--bins"]))?;
+
+    let tracer = util::target_dir(env.cargo())?.join("debug").join("tracer");
+    ensure!(
+        tracer.is_file(),
+        "step 'build' failed: {} was not produced",
+        tracer.display()
+    );
+
+    run_step_with_stdout(
+        "test",
+        env.cargo()
+            .arg("test")
+            .args(&args.cargo_test_args)
+            .env("TRACER_BIN", &tracer),
+    )
+}
