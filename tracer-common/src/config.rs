@@ -19,6 +19,9 @@ pub struct KernelOffsets {
     pub skc_v6_rcv_saddr: u32,
     pub skc_cookie: u32,
     pub sk_protocol: u32,
+    // struct tcp_sock (starts with struct sock): receive queue accounting
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
     // fd -> socket: task_struct.files -> files_struct.fdt -> fdtable.fd[fd]
     // -> file.private_data (struct socket) -> socket.sk
     pub task_files: u32,
@@ -54,3 +57,6 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Config {}
 }
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);

@@ -47,7 +47,16 @@ pub struct Header {
     pub cookie: u64,
     /// Kernel address of the `struct sock`; reused after free, so only a hint.
     pub skaddr: u64,
+    /// Ids in the `STACKS` map of the current task's user and kernel stacks,
+    /// taken only where the task is known to be the socket's user (connect,
+    /// accept, close). [`NO_STACK`] when not taken; another negative value
+    /// is the `-errno` of a failed capture (e.g. `-EEXIST`: map full).
+    pub ustack: i32,
+    pub kstack: i32,
 }
+
+/// Stack id value meaning "no stack was taken for this event".
+pub const NO_STACK: i32 = i32::MIN;
 
 /// A TCP state change.
 #[repr(C)]
@@ -64,6 +73,10 @@ pub struct StateEvent {
     pub family: u16,
     pub oldstate: u8,
     pub newstate: u8,
+    /// `rcv_nxt - copied_seq`: bytes received and not read by the
+    /// application, plus one for a FIN. Filled on entering CLOSE_WAIT.
+    pub rx_queue: u32,
+    pub _pad: u32,
 }
 
 /// A socket fd crossing a syscall: returned by accept, or passed to close.
@@ -87,6 +100,6 @@ mod pod {
 }
 
 // Layout is the wire format: any change here must be deliberate.
-const _: () = assert!(core::mem::size_of::<Header>() == 56);
-const _: () = assert!(core::mem::size_of::<StateEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<FdEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<Header>() == 64);
+const _: () = assert!(core::mem::size_of::<StateEvent>() == 112);
+const _: () = assert!(core::mem::size_of::<FdEvent>() == 72);

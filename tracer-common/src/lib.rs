@@ -12,4 +12,4 @@ pub mod stats;
 pub mod tcp;
 
 pub use config::{Config, KernelOffsets};
-pub use event::{EventKind, FdEvent, Header, StateEvent, COMM_LEN};
+pub use event::{EventKind, FdEvent, Header, StateEvent, COMM_LEN, NO_STACK};

@@ -13,4 +13,7 @@ pub const FD_UNRESOLVED: u32 = 3;
 /// `close_range` calls wider than the kernel side scans (256 fds).
 pub const CLOSE_RANGE_TRUNCATED: u32 = 4;
 
-pub const COUNT: u32 = 5;
+/// Stack captures that failed (stack map full or hash collision).
+pub const STACK_ERRORS: u32 = 5;
+
+pub const COUNT: u32 = 6;

@@ -46,8 +46,10 @@ fn handle(ctx: &TracePointContext) {
     if filter != 0 && cookie != 0 && maps::WATCH.insert(&cookie, &tgid, 0).is_err() {
         maps::count(stats::WATCH_FULL);
     }
+    let mut header = emit::header(EventKind::Accept as u32, cookie, sk);
+    emit::take_stacks(ctx, &mut header);
     emit::send(&FdEvent {
-        header: emit::header(EventKind::Accept as u32, cookie, sk),
+        header,
         fd: fd as i32,
         _pad: 0,
     });

@@ -28,7 +28,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     };
     if let Some((fds, max)) = fdsock::fd_table() {
-        report(fds, max, fd as u32);
+        report(&ctx, fds, max, fd as u32);
     }
     0
 }
@@ -60,7 +60,7 @@ pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
         if fd > last || fd < first {
             return 0;
         }
-        report(fds, max, fd);
+        report(&ctx, fds, max, fd);
     }
     if last >= first.saturating_add(CLOSE_RANGE_SCAN) {
         maps::count(stats::CLOSE_RANGE_TRUNCATED);
@@ -75,12 +75,14 @@ fn wanted() -> bool {
 }
 
 #[inline(always)]
-fn report(fds: u64, max: u32, fd: u32) {
+fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32) {
     let Some(sk) = fdsock::tcp_sock(fds, max, fd) else {
         return;
     };
+    let mut header = emit::header(EventKind::Close as u32, fdsock::cookie_of(sk), sk);
+    emit::take_stacks(ctx, &mut header);
     emit::send(&FdEvent {
-        header: emit::header(EventKind::Close as u32, fdsock::cookie_of(sk), sk),
+        header,
         fd: fd as i32,
         _pad: 0,
     });

@@ -1,10 +1,11 @@
 //! Header filling and ring-buffer submission with batched wakeups.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    programs::tracing::StackIdContext,
 };
-use tracer_common::{stats, Header, COMM_LEN};
+use tracer_common::{stats, Header, COMM_LEN, NO_STACK};
 
 use crate::{config, maps};
 
@@ -20,6 +21,27 @@ pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
         comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
         cookie,
         skaddr,
+        ustack: NO_STACK,
+        kstack: NO_STACK,
+    }
+}
+
+/// Records the current task's user and kernel stacks in the header. Only
+/// called where the task is the socket's user (its own syscall).
+#[inline(always)]
+pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header) {
+    h.ustack = stack_id(ctx, BPF_F_USER_STACK as u64);
+    h.kstack = stack_id(ctx, 0);
+}
+
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
+    match ctx.get_stackid(&maps::STACKS, flags) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            maps::count(stats::STACK_ERRORS);
+            e as i32
+        }
     }
 }
 

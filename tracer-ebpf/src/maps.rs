@@ -2,13 +2,18 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use tracer_common::stats;
 
 /// All events, to the agent. Resized by the agent at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// User and kernel stacks of the tasks that connect, accept and close.
+/// Bounded; a full map makes captures fail, counted as STACK_ERRORS.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
 /// Loss and volume counters, indexed by `tracer_common::stats`.
 #[map]

@@ -23,12 +23,12 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
-    let _ = handle(sk, oldstate as u8, newstate as u8);
+    let _ = handle(&ctx, sk, oldstate as u8, newstate as u8);
     0
 }
 
 #[inline(always)]
-fn handle(sk: *const c_void, oldstate: u8, newstate: u8) -> Result<(), Fault> {
+fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate: u8) -> Result<(), Fault> {
     let base = sk as u64;
     let proto: u16 = unsafe { read(base, off!(sk_protocol))? };
     if proto != tcp::IPPROTO_TCP {
@@ -51,7 +51,20 @@ fn handle(sk: *const c_void, oldstate: u8, newstate: u8) -> Result<(), Fault> {
         family,
         oldstate,
         newstate,
+        rx_queue: 0,
+        _pad: 0,
     };
+    if oldstate == tcp::CLOSE && newstate == tcp::SYN_SENT {
+        // Inside the owner's connect(): its stack says who opened this.
+        emit::take_stacks(ctx, &mut ev.header);
+    }
+    if newstate == tcp::CLOSE_WAIT {
+        // The FIN is already counted in rcv_nxt here (tcp_fin runs after
+        // rcv_nxt moved past it), so this is unread data + 1.
+        let nxt: u32 = unsafe { read(base, off!(tcp_rcv_nxt))? };
+        let copied: u32 = unsafe { read(base, off!(tcp_copied_seq))? };
+        ev.rx_queue = nxt.wrapping_sub(copied);
+    }
     if family == AF_INET {
         let s: [u8; 4] = unsafe { read(base, off!(skc_rcv_saddr))? };
         let d: [u8; 4] = unsafe { read(base, off!(skc_daddr))? };

@@ -56,6 +56,11 @@ pub struct LiveArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_bytes, hide = true)]
     pub ring_bytes: u32,
 
+    /// Entries in the kernel's stack map. When full, new stacks are lost
+    /// and counted (stack_errors).
+    #[arg(long, value_name = "N", default_value_t = 16384, hide = true)]
+    pub stack_entries: u32,
+
     /// Most sockets the agent tracks at once; beyond, new ones are counted
     /// as untracked.
     #[arg(long, value_name = "N", default_value_t = 1 << 20, hide = true)]

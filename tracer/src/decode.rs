@@ -78,6 +78,8 @@ mod tests {
             comm: [b'x'; COMM_LEN],
             cookie: 99,
             skaddr: 0xffff_0000,
+            ustack: 3,
+            kstack: tracer_common::NO_STACK,
         }
     }
 
@@ -92,6 +94,8 @@ mod tests {
             family: 2,
             oldstate: 1,
             newstate: 8,
+            rx_queue: 27,
+            _pad: 0,
         };
         assert_eq!(decode(bytes_of(&st)), Ok(Event::State(st)));
         for kind in [EventKind::Accept, EventKind::Close] {
@@ -120,10 +124,12 @@ mod tests {
             family: 2,
             oldstate: 1,
             newstate: 8,
+            rx_queue: 27,
+            _pad: 0,
         };
         let b = bytes_of(&st);
         assert!(matches!(
-            decode(&b[..60]),
+            decode(&b[..100]),
             Err(DecodeError::Short {
                 what: "state event",
                 ..

@@ -18,12 +18,15 @@ use tracer_common::tcp;
 use crate::{
     cli::LiveArgs,
     clock::{self, WallClock},
-    correlate::{Comm, Correlator, Endpoints, Verdict},
+    correlate::{Comm, Correlator, Endpoints, LeakReport, StackRef, Verdict},
     decode::{decode, Event},
+    evidence,
     kernel::{Kernel, LoadOptions},
     procs::{self, ProcCache},
-    sink::{self, EventOut, LeakOut, Sink, Start, Status, Summary, SummaryStats},
+    report::{self, Enrich, LeakOut},
+    sink::{self, EventOut, Sink, Start, Status, Summary, SummaryStats},
     snapshot,
+    stacks::StackStore,
 };
 
 /// How often the ring buffer is drained and the sweep runs. Wakeups from
@@ -51,6 +54,7 @@ pub async fn run(args: LiveArgs) -> Result<()> {
         filter_tgid: args.pid,
         ring_bytes: args.ring_bytes,
         wakeup_bytes: u64::from(args.ring_bytes) / WAKEUP_FRACTION,
+        stack_entries: args.stack_entries,
     })?;
     // Open the pidfd before the snapshot so an exit in between is not lost.
     let pidfd = args.pid.map(pidfd_open).transpose()?;
@@ -76,6 +80,7 @@ pub async fn run(args: LiveArgs) -> Result<()> {
     let mut live = Live {
         corr,
         procs: ProcCache::new(4096),
+        stacks: StackStore::new(16384),
         verdicts: Vec::new(),
         decode_errors: 0,
         events: args.events,
@@ -128,7 +133,7 @@ pub async fn run(args: LiveArgs) -> Result<()> {
             }
             _ = tick.tick() => {
                 live.drain(&mut kernel, sink.as_mut())
-                    .and_then(|()| live.sweep(clock::monotonic_ns(), sink.as_mut()))
+                    .and_then(|()| live.sweep(&kernel, clock::monotonic_ns(), sink.as_mut()))
             }
             _ = status_tick.tick() => {
                 live.status(&kernel, start_ns, sink.as_mut())
@@ -154,18 +159,13 @@ pub async fn run(args: LiveArgs) -> Result<()> {
         live.drain(&mut kernel, sink.as_mut())
             .or_else(|e| output_error(e).map(|_| ()))?;
         let now = clock::monotonic_ns();
-        live.sweep(now, sink.as_mut())
+        live.sweep(&kernel, now, sink.as_mut())
             .or_else(|e| output_error(e).map(|_| ()))?;
-        let leaks: Vec<LeakOut> = live
-            .corr
-            .current_leaks(now)
-            .iter()
-            .map(|l| LeakOut::new(l, &mut live.procs))
-            .collect();
+        let leaks = live.leak_outs(&kernel, &live.corr.current_leaks(now));
         let summary = Summary {
             duration_ms: now.saturating_sub(start_ns) / 1_000_000,
             reason,
-            groups: sink::group(&leaks),
+            groups: report::group(&leaks),
             leaks,
             stats: SummaryStats {
                 kernel: kernel.stats()?,
@@ -223,6 +223,7 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd> {
 struct Live {
     corr: Correlator,
     procs: ProcCache,
+    stacks: StackStore,
     verdicts: Vec<Verdict>,
     decode_errors: u64,
     events: bool,
@@ -234,8 +235,13 @@ impl Live {
     /// event unless `--events` asked for every event to be printed.
     fn drain(&mut self, kernel: &mut Kernel, sink: &mut dyn Sink) -> io::Result<()> {
         kernel.flush_logs();
-        while let Some(item) = kernel.events.next() {
-            let ev = match decode(&item) {
+        loop {
+            // The item borrows the ring buffer: decode (a copy) and let go.
+            let decoded = match kernel.events.next() {
+                Some(item) => decode(&item),
+                None => break,
+            };
+            let ev = match decoded {
                 Ok(ev) => ev,
                 Err(e) => {
                     self.decode_errors += 1;
@@ -245,45 +251,83 @@ impl Live {
                     continue;
                 }
             };
-            drop(item);
-            // Owners' command lines are read now, while they still run.
+            // Owners' command lines and stacks are read now, while the
+            // processes still run.
             match &ev {
                 Event::State(s) if s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT => {
-                    self.procs.learn(s.header.tgid)
+                    self.procs.learn(s.header.tgid);
+                    self.stacks.learn(kernel, StackRef::of(&s.header));
                 }
-                Event::Accept(f) => self.procs.learn(f.header.tgid),
-                _ => {}
+                Event::Accept(f) => {
+                    self.procs.learn(f.header.tgid);
+                    self.stacks.learn(kernel, StackRef::of(&f.header));
+                }
+                Event::Close(f) => self.stacks.learn(kernel, StackRef::of(&f.header)),
+                Event::State(_) => {}
             }
             if self.events {
                 sink.event(&self.event_out(&ev))?;
             }
             self.corr.on_event(&ev, &mut self.verdicts);
-            self.emit(sink)?;
+            self.emit(kernel, sink)?;
         }
         sink.flush()
     }
 
-    fn sweep(&mut self, now_ns: u64, sink: &mut dyn Sink) -> io::Result<()> {
+    fn sweep(&mut self, kernel: &Kernel, now_ns: u64, sink: &mut dyn Sink) -> io::Result<()> {
         self.corr.sweep(now_ns, &mut self.verdicts);
-        self.emit(sink)?;
+        self.emit(kernel, sink)?;
         sink.flush()
     }
 
-    fn emit(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
-        for v in self.verdicts.drain(..) {
+    /// User-facing views of `leaks`, with evidence read from the kernel now.
+    fn leak_outs(&mut self, kernel: &Kernel, leaks: &[LeakReport]) -> Vec<LeakOut> {
+        let cookies = leaks.iter().map(|l| l.cookie).collect();
+        let evidence = evidence::gather(&cookies, &mut self.procs);
+        let mut e = Enrich {
+            procs: &mut self.procs,
+            stacks: &mut self.stacks,
+            kernel,
+            evidence: &evidence,
+        };
+        leaks.iter().map(|l| LeakOut::new(l, &mut e)).collect()
+    }
+
+    fn emit(&mut self, kernel: &Kernel, sink: &mut dyn Sink) -> io::Result<()> {
+        if self.verdicts.is_empty() {
+            return Ok(());
+        }
+        let verdicts = std::mem::take(&mut self.verdicts);
+        // Evidence for all new leaks of this batch in one pass.
+        let new_leaks: Vec<LeakReport> = verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::Leak(l) => Some(l.clone()),
+                Verdict::LateClose { .. } => None,
+            })
+            .collect();
+        let mut outs = self.leak_outs(kernel, &new_leaks).into_iter();
+        let no_evidence = std::collections::HashMap::new();
+        for v in &verdicts {
             match v {
-                Verdict::Leak(l) => sink.leak(&LeakOut::new(&l, &mut self.procs))?,
+                Verdict::Leak(_) => sink.leak(&outs.next().expect("one view per leak"))?,
                 Verdict::LateClose {
                     leak,
                     closed_after_ns,
                     aborted,
-                } => sink.late_close(
-                    &LeakOut::new(&leak, &mut self.procs),
-                    closed_after_ns / 1_000_000,
-                    aborted,
-                )?,
+                } => {
+                    let mut e = Enrich {
+                        procs: &mut self.procs,
+                        stacks: &mut self.stacks,
+                        kernel,
+                        evidence: &no_evidence,
+                    };
+                    sink.late_close(&LeakOut::new(leak, &mut e), closed_after_ns / 1_000_000, *aborted)?
+                }
             }
         }
+        self.verdicts = verdicts;
+        self.verdicts.clear();
         Ok(())
     }
 

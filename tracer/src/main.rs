@@ -4,11 +4,14 @@ mod cli;
 mod clock;
 mod correlate;
 mod decode;
+mod evidence;
 mod kernel;
 mod live;
 mod procs;
+mod report;
 mod sink;
 mod snapshot;
+mod stacks;
 
 use std::process::ExitCode;
 

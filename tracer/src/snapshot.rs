@@ -25,17 +25,19 @@ pub struct DiagSocket {
     pub state: u8,
     pub endpoints: Endpoints,
     pub inode: u64,
+    /// Receive queue: unread bytes, plus one once a FIN has arrived.
+    pub recv_queue: u32,
     pub last_ack_age_ms: Option<u32>,
 }
 
-/// Every IPv4 and IPv6 TCP socket (all states).
-pub fn dump_tcp() -> Result<Vec<DiagSocket>> {
-    let mut out = dump_family(AF_INET)?;
-    out.extend(dump_family(AF_INET6)?);
+/// Every IPv4 and IPv6 TCP socket in one of `states`.
+pub fn dump_tcp(states: StateFlags) -> Result<Vec<DiagSocket>> {
+    let mut out = dump_family(AF_INET, states)?;
+    out.extend(dump_family(AF_INET6, states)?);
     Ok(out)
 }
 
-fn dump_family(family: u8) -> Result<Vec<DiagSocket>> {
+fn dump_family(family: u8, states: StateFlags) -> Result<Vec<DiagSocket>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
     socket.bind_auto().context("binding the sock_diag socket")?;
     socket
@@ -55,7 +57,7 @@ fn dump_family(family: u8) -> Result<Vec<DiagSocket>> {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::INFO,
-            states: StateFlags::all(),
+            states,
             socket_id,
         })
         .into(),
@@ -110,6 +112,7 @@ fn convert(r: &InetResponse) -> DiagSocket {
             remote: SocketAddr::new(id.destination_address, id.destination_port),
         },
         inode: u64::from(h.inode),
+        recv_queue: h.recv_queue,
         last_ack_age_ms,
     }
 }
@@ -117,7 +120,7 @@ fn convert(r: &InetResponse) -> DiagSocket {
 /// Existing sockets with their holders; with `only_pid`, just that
 /// process's sockets.
 pub fn take(only_pid: Option<u32>) -> Result<Vec<SnapshotSocket>> {
-    let sockets = dump_tcp()?;
+    let sockets = dump_tcp(StateFlags::all())?;
     let holders = procs::socket_holders(only_pid);
     let mut comms = std::collections::HashMap::new();
     let mut out = Vec::new();

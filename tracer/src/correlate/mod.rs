@@ -8,7 +8,7 @@ mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 
-pub use socket::{CloseCall, Comm, Endpoints, LeakReport, Owner, OwnerSource, Since, Socket, Verdict};
+pub use socket::{CloseCall, Comm, Endpoints, LeakReport, Owner, OwnerSource, Since, Socket, StackRef, Verdict};
 use tracer_common::{tcp, FdEvent, Header, StateEvent};
 
 use crate::decode::Event;
@@ -181,6 +181,7 @@ impl Correlator {
                 comm: Comm(h.comm),
                 source: OwnerSource::Connect,
             });
+            sock.open_stack = Some(StackRef::of(h));
         }
         if h.ktime_ns < sock.state_ns {
             // The snapshot is newer than this event; it can only sharpen an
@@ -209,6 +210,8 @@ impl Correlator {
                 estimated: false,
             };
             sock.close_wait = Some(since);
+            // rx_queue counts the FIN's sequence number too.
+            sock.unread_at_fin = Some(ev.rx_queue.saturating_sub(1));
             self.pending.insert((since.ns, h.cookie));
         } else if let Some(since) = sock.close_wait.take() {
             // Left CLOSE_WAIT: the application closed it (LAST_ACK), or it
@@ -246,6 +249,7 @@ impl Correlator {
             source: OwnerSource::Accept,
         });
         sock.fd = Some(ev.fd);
+        sock.open_stack = Some(StackRef::of(&h));
     }
 
     fn on_close(&mut self, ev: &FdEvent) {
@@ -258,6 +262,7 @@ impl Correlator {
             tid: h.tid,
             fd: ev.fd,
             ns: h.ktime_ns,
+            stack: StackRef::of(&h),
         });
         if sock.owner.is_none() {
             sock.owner = Some(Owner {
@@ -327,5 +332,7 @@ fn report(sock: &Socket, since: Since, now_ns: u64) -> LeakReport {
         since,
         close_wait_ns: now_ns.saturating_sub(since.ns),
         last_close: sock.last_close,
+        open_stack: sock.open_stack,
+        unread_at_fin: sock.unread_at_fin,
     }
 }

@@ -81,6 +81,25 @@ pub struct Since {
     pub estimated: bool,
 }
 
+/// Where a task was when it touched the socket: ids into the kernel's
+/// stack map (negative: not captured, see `tracer_common::NO_STACK`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackRef {
+    pub pid: u32,
+    pub ustack: i32,
+    pub kstack: i32,
+}
+
+impl StackRef {
+    pub fn of(h: &tracer_common::Header) -> Self {
+        StackRef {
+            pid: h.tgid,
+            ustack: h.ustack,
+            kstack: h.kstack,
+        }
+    }
+}
+
 /// A `close()`/`close_range()` of one of the socket's fds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseCall {
@@ -88,6 +107,7 @@ pub struct CloseCall {
     pub tid: u32,
     pub fd: i32,
     pub ns: u64,
+    pub stack: StackRef,
 }
 
 #[derive(Clone, Debug)]
@@ -102,6 +122,10 @@ pub struct Socket {
     pub fd: Option<i32>,
     pub close_wait: Option<Since>,
     pub last_close: Option<CloseCall>,
+    /// Where the owner opened it (connect or accept).
+    pub open_stack: Option<StackRef>,
+    /// Bytes received and never read when the FIN arrived.
+    pub unread_at_fin: Option<u32>,
     pub leak_reported: bool,
 }
 
@@ -117,6 +141,8 @@ impl Socket {
             fd: None,
             close_wait: None,
             last_close: None,
+            open_stack: None,
+            unread_at_fin: None,
             leak_reported: false,
         }
     }
@@ -135,6 +161,8 @@ pub struct LeakReport {
     /// The owner (or another process) closed an fd to it, yet the socket is
     /// still in CLOSE_WAIT: someone else still holds it.
     pub last_close: Option<CloseCall>,
+    pub open_stack: Option<StackRef>,
+    pub unread_at_fin: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! Correlation on synthetic event sequences: no kernel involved.
 
-use tracer_common::{tcp, EventKind, FdEvent, Header, StateEvent, COMM_LEN};
+use tracer_common::{tcp, EventKind, FdEvent, Header, StateEvent, COMM_LEN, NO_STACK};
 
 use super::*;
 use crate::decode::Event;
@@ -26,6 +26,8 @@ fn hdr(kind: EventKind, t_ms: u64, tgid: u32, cookie: u64, skaddr: u64) -> Heade
         comm: comm(name),
         cookie,
         skaddr,
+        ustack: tgid as i32,
+        kstack: NO_STACK,
     }
 }
 
@@ -39,6 +41,9 @@ fn state(t_ms: u64, ctx_tgid: u32, cookie: u64, skaddr: u64, old: u8, new: u8) -
         family: 2,
         oldstate: old,
         newstate: new,
+        // 26 unread bytes + the FIN, as the kernel counts it.
+        rx_queue: 27,
+        _pad: 0,
     })
 }
 
@@ -301,4 +306,23 @@ fn full_table_is_counted_not_silent() {
     }
     assert_eq!(c.stats().sockets_tracked, 2);
     assert_eq!(c.stats().untracked_table_full, 1);
+}
+
+#[test]
+fn leak_carries_open_stack_and_unread_bytes_at_fin() {
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = vec![];
+    connect_then_fin(&mut c, 1, 10, &mut out);
+    c.sweep(10 * MS + LEAK_AFTER, &mut out);
+    let l = leaks(&out);
+    // The stack of the connect (client context), not of the FIN (server).
+    assert_eq!(
+        l[0].open_stack,
+        Some(StackRef {
+            pid: CLIENT,
+            ustack: CLIENT as i32,
+            kstack: NO_STACK
+        })
+    );
+    assert_eq!(l[0].unread_at_fin, Some(26));
 }

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
@@ -24,6 +24,7 @@ pub struct LoadOptions {
     pub filter_tgid: Option<u32>,
     pub ring_bytes: u32,
     pub wakeup_bytes: u64,
+    pub stack_entries: u32,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -44,6 +45,7 @@ pub struct KernelStats {
     pub watch_full: u64,
     pub fd_unresolved: u64,
     pub close_range_truncated: u64,
+    pub stack_errors: u64,
 }
 
 pub struct Kernel {
@@ -53,6 +55,7 @@ pub struct Kernel {
     pub events: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
     watch: HashMap<MapData, u64, u32>,
+    stacks: StackTraceMap<MapData>,
     pub hooks: Vec<HookStatus>,
 }
 
@@ -72,6 +75,7 @@ impl Kernel {
             .override_global("OFFSETS", &offs, true)
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
+            .map_max_entries("STACKS", opts.stack_entries)
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
         // Err only when no log statement is compiled in: nothing to read then.
@@ -105,12 +109,14 @@ impl Kernel {
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
+        let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map")?)?;
         Ok(Self {
             _ebpf: ebpf,
             _logger: logger,
             events,
             stats,
             watch,
+            stacks,
             hooks,
         })
     }
@@ -118,6 +124,18 @@ impl Kernel {
     /// Adds a socket to the `--pid` watch list (sockets that predate us).
     pub fn watch(&mut self, cookie: u64, tgid: u32) -> Result<()> {
         self.watch.insert(cookie, tgid, 0).context("adding to the watch map")
+    }
+
+    /// Instruction pointers of a captured stack, innermost first.
+    pub fn stack_ips(&self, id: i32) -> Result<Vec<u64>, String> {
+        if id < 0 {
+            return Err(crate::stacks::stack_id_error(id));
+        }
+        let trace = self
+            .stacks
+            .get(&(id as u32), 0)
+            .map_err(|e| format!("stack {id} not readable: {e}"))?;
+        Ok(trace.frames().iter().map(|f| f.ip).collect())
     }
 
     pub fn stats(&self) -> Result<KernelStats> {
@@ -128,6 +146,7 @@ impl Kernel {
             watch_full: sum(stats::WATCH_FULL)?,
             fd_unresolved: sum(stats::FD_UNRESOLVED)?,
             close_range_truncated: sum(stats::CLOSE_RANGE_TRUNCATED)?,
+            stack_errors: sum(stats::STACK_ERRORS)?,
         })
     }
 

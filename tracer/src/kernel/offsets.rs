@@ -34,6 +34,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         // `struct sock` starts with its `sock_common`, so sock_common
         // offsets apply to a `struct sock *` as they are.
         sk_protocol: f("sock", "sk_protocol")?,
+        tcp_rcv_nxt: f("tcp_sock", "rcv_nxt")?,
+        tcp_copied_seq: f("tcp_sock", "copied_seq")?,
         task_files: f("task_struct", "files")?,
         files_fdt: f("files_struct", "fdt")?,
         fdt_max_fds: f("fdtable", "max_fds")?,

@@ -4,6 +4,7 @@
 use std::io::{self, Write};
 
 use super::{EventOut, LeakOut, Sink, Start, Status, Summary};
+use crate::stacks::Frame;
 
 pub struct TextSink<W: Write, E: Write> {
     out: W,
@@ -29,13 +30,18 @@ fn who(l: &LeakOut) -> String {
 
 fn describe(l: &LeakOut) -> String {
     let fd = l.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
+    let unread = match l.unread_bytes {
+        Some(0) => "  all data read".to_string(),
+        Some(n) => format!("  {n} bytes unread"),
+        None => String::new(),
+    };
     let est = if l.close_wait_estimated {
-        " (at least; was already there at start)"
+        " (estimated: already in CLOSE_WAIT at start)"
     } else {
         ""
     };
     let mut s = format!(
-        "{}{fd}  {} -> {}  in CLOSE_WAIT {}{est}  cookie {}",
+        "{}{fd}  {} -> {}  in CLOSE_WAIT {}{est}{unread}  cookie {}",
         who(l),
         l.local,
         l.remote,
@@ -43,12 +49,60 @@ fn describe(l: &LeakOut) -> String {
         l.cookie
     );
     if let Some(c) = l.fd_closed_by {
+        let by: Vec<String> = l
+            .holders
+            .iter()
+            .map(|h| format!("pid {} ({}) fd {}", h.pid, h.comm, h.fd))
+            .collect();
+        let by = if by.is_empty() {
+            "another process".to_string()
+        } else {
+            by.join(", ")
+        };
         s.push_str(&format!(
-            "  [fd {} closed by pid {} tid {}, socket still held elsewhere]",
-            c.fd, c.pid, c.tid
+            "  [pid {} (tid {}) closed its fd {}, but the socket is still held by {by}]",
+            c.pid, c.tid, c.fd
         ));
+    } else if l.holders.len() > 1 {
+        let by: Vec<String> = l.holders.iter().map(|h| format!("{} fd {}", h.pid, h.fd)).collect();
+        s.push_str(&format!("  [held by {} processes: {}]", l.holders.len(), by.join(", ")));
     }
     s
+}
+
+/// Why data left unread matters, in one line.
+fn hint(unread: u64, count: usize) -> Option<String> {
+    (unread > 0).then(|| {
+        format!(
+            "{unread} bytes unread in {count} socket(s): the response body was never consumed, and the socket never closed"
+        )
+    })
+}
+
+/// A stack as indented lines, innermost first.
+fn write_stack(o: &mut impl Write, frames: &[Frame], error: Option<&str>, indent: &str) -> io::Result<()> {
+    for f in frames {
+        let what = match (&f.symbol, &f.module, &f.offset) {
+            (Some(sym), _, _) => sym.clone(),
+            (None, Some(m), Some(off)) => format!("{m}+{off}"),
+            (None, Some(m), None) => format!("{m} {}", f.ip),
+            (None, None, _) => f.ip.clone(),
+        };
+        let loc = match (&f.file, f.line) {
+            (Some(file), Some(line)) => format!(" at {file}:{line}"),
+            _ => String::new(),
+        };
+        let why = match (&f.symbol, &f.reason) {
+            (None, Some(r)) => format!(" ({r})"),
+            _ => String::new(),
+        };
+        let k = if f.kernel { "[k] " } else { "" };
+        writeln!(o, "{indent}{k}{what}{loc}{why}")?;
+    }
+    if let Some(e) = error {
+        writeln!(o, "{indent}(no stack: {e})")?;
+    }
+    Ok(())
 }
 
 impl<W: Write, E: Write> Sink for TextSink<W, E> {
@@ -93,7 +147,13 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
     }
 
     fn leak(&mut self, l: &LeakOut) -> io::Result<()> {
-        writeln!(self.out, "LEAK  {}", describe(l))
+        writeln!(self.out, "LEAK  {}", describe(l))?;
+        let user: Vec<Frame> = l.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
+        if !user.is_empty() || l.open_stack_error.is_some() {
+            writeln!(self.out, "      opened at:")?;
+            write_stack(&mut self.out, &user, l.open_stack_error.as_deref(), "        ")?;
+        }
+        Ok(())
     }
 
     fn late_close(&mut self, l: &LeakOut, closed_after_ms: u64, aborted: bool) -> io::Result<()> {
@@ -136,11 +196,16 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
                 };
                 writeln!(
                     o,
-                    "  {who}: {} socket(s) to {}, none closed; oldest in CLOSE_WAIT {}",
+                    "  {who}: {} socket(s) to {} opened from this stack, none closed; oldest in CLOSE_WAIT {}",
                     g.count,
                     g.remote,
                     secs(g.oldest_close_wait_ms)
                 )?;
+                let user: Vec<Frame> = g.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
+                write_stack(o, &user, None, "      ")?;
+                if let Some(h) = hint(g.unread_bytes, g.count) {
+                    writeln!(o, "    -> {h}")?;
+                }
             }
             writeln!(o, "details:")?;
             for l in &s.leaks {
@@ -148,13 +213,22 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
                 if !l.cmdline.is_empty() {
                     writeln!(o, "      cmdline: {}", l.cmdline)?;
                 }
+                if let Some(cs) = &l.close_stack {
+                    writeln!(o, "      last close() of an fd to it:")?;
+                    write_stack(
+                        o,
+                        &cs.iter().filter(|f| !f.kernel).cloned().collect::<Vec<_>>(),
+                        l.close_stack_error.as_deref(),
+                        "        ",
+                    )?;
+                }
             }
         }
         let k = &s.stats.kernel;
         writeln!(
             o,
-            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}",
-            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors
+            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}",
+            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors
         )?;
         if k.ringbuf_drops > 0 {
             writeln!(

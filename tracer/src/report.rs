@@ -1,0 +1,184 @@
+//! What users are shown about a leak: the correlator's verdict joined with
+//! the process's name, the symbolized stacks and the leak-time evidence.
+//! Sinks only format these.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::{
+    correlate::{Endpoints, LeakReport, OwnerSource},
+    evidence::{Evidence, HolderOut},
+    kernel::Kernel,
+    procs::ProcCache,
+    stacks::{Frame, StackStore},
+};
+
+/// One leaked socket, as shown to users.
+#[derive(Clone, Debug, Serialize)]
+pub struct LeakOut {
+    pub pid: Option<u32>,
+    pub comm: String,
+    pub cmdline: String,
+    /// `ADDR:PORT`, IPv6 in brackets.
+    pub local: String,
+    pub remote: String,
+    pub cookie: u64,
+    pub close_wait_ms: u64,
+    /// The socket was already in CLOSE_WAIT when tracing started: the time
+    /// is the kernel's age of the last ACK received, an estimate.
+    pub close_wait_estimated: bool,
+    /// The owner's fd to it.
+    pub fd: Option<i32>,
+    /// How the owner was established.
+    pub owner_source: Option<OwnerSource>,
+    /// Bytes received and never read (FIN excluded), at report time.
+    pub unread_bytes: Option<u32>,
+    /// The same when the FIN arrived.
+    pub unread_bytes_at_fin: Option<u32>,
+    /// Every process holding the socket at report time.
+    pub holders: Vec<HolderOut>,
+    /// Where the owner opened it: user frames then kernel frames, each
+    /// innermost first.
+    pub open_stack: Vec<Frame>,
+    pub open_stack_error: Option<String>,
+    /// Where an fd to it was last closed, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_stack: Option<Vec<Frame>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_stack_error: Option<String>,
+    /// A close() of an fd to this socket that did not end it: another
+    /// process or fd still holds the socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd_closed_by: Option<ClosedBy>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ClosedBy {
+    pub pid: u32,
+    pub tid: u32,
+    pub fd: i32,
+}
+
+/// What building a [`LeakOut`] draws on.
+pub struct Enrich<'a> {
+    pub procs: &'a mut ProcCache,
+    pub stacks: &'a mut StackStore,
+    pub kernel: &'a Kernel,
+    pub evidence: &'a HashMap<u64, Evidence>,
+}
+
+impl LeakOut {
+    pub fn new(l: &LeakReport, e: &mut Enrich<'_>) -> Self {
+        let ev = e.evidence.get(&l.cookie);
+        let holders = ev.map(|ev| ev.holders.clone()).unwrap_or_default();
+        // The owner per the kernel events; failing that, whoever holds it.
+        let (pid, comm) = match (&l.owner, holders.first()) {
+            (Some(o), _) => (Some(o.pid), o.comm.as_str().into_owned()),
+            (None, Some(h)) => (Some(h.pid), h.comm.clone()),
+            (None, None) => (None, String::new()),
+        };
+        let fd = holders.iter().find(|h| Some(h.pid) == pid).map(|h| h.fd).or(l.fd);
+        let cmdline = pid
+            .and_then(|p| e.procs.get(p))
+            .map(|i| i.cmdline.clone())
+            .unwrap_or_default();
+        let ep = |f: fn(&Endpoints) -> std::net::SocketAddr| {
+            l.endpoints
+                .as_ref()
+                .map(|e| f(e).to_string())
+                .unwrap_or_else(|| "?".into())
+        };
+        let (open_stack, open_stack_error) = e.stacks.frames(e.kernel, l.open_stack);
+        let (close_stack, close_stack_error) = match l.last_close {
+            Some(c) => {
+                let (f, err) = e.stacks.frames(e.kernel, Some(c.stack));
+                (Some(f), err)
+            }
+            None => (None, None),
+        };
+        LeakOut {
+            pid,
+            comm,
+            cmdline,
+            local: ep(|e| e.local),
+            remote: ep(|e| e.remote),
+            cookie: l.cookie,
+            close_wait_ms: l.close_wait_ns / 1_000_000,
+            close_wait_estimated: l.since.estimated,
+            fd,
+            owner_source: l.owner.map(|o| o.source),
+            unread_bytes: ev.and_then(|ev| ev.unread_now),
+            unread_bytes_at_fin: l.unread_at_fin,
+            holders,
+            open_stack,
+            open_stack_error,
+            close_stack,
+            close_stack_error,
+            fd_closed_by: l.last_close.map(|c| ClosedBy {
+                pid: c.pid,
+                tid: c.tid,
+                fd: c.fd,
+            }),
+        }
+    }
+
+    /// The opening stack's user frames, as a grouping key.
+    fn stack_key(&self) -> Vec<&str> {
+        self.open_stack
+            .iter()
+            .filter(|f| !f.kernel)
+            .map(|f| f.symbol.as_deref().unwrap_or(&f.ip))
+            .collect()
+    }
+}
+
+/// Leaks of one process, opened from one stack, to one remote endpoint.
+#[derive(Debug, Serialize)]
+pub struct Group {
+    pub pid: Option<u32>,
+    pub comm: String,
+    pub remote: String,
+    pub count: usize,
+    pub oldest_close_wait_ms: u64,
+    /// Sum of the group's unread bytes.
+    pub unread_bytes: u64,
+    pub open_stack: Vec<Frame>,
+}
+
+pub fn group(leaks: &[LeakOut]) -> Vec<Group> {
+    let mut groups: Vec<(Vec<&str>, Group)> = Vec::new();
+    for l in leaks {
+        let key = l.stack_key();
+        match groups
+            .iter_mut()
+            .find(|(k, g)| g.pid == l.pid && g.remote == l.remote && *k == key)
+        {
+            Some((_, g)) => {
+                g.count += 1;
+                g.oldest_close_wait_ms = g.oldest_close_wait_ms.max(l.close_wait_ms);
+                g.unread_bytes += u64::from(l.unread_bytes.unwrap_or(0));
+            }
+            None => groups.push((
+                key,
+                Group {
+                    pid: l.pid,
+                    comm: l.comm.clone(),
+                    remote: l.remote.clone(),
+                    count: 1,
+                    oldest_close_wait_ms: l.close_wait_ms,
+                    unread_bytes: u64::from(l.unread_bytes.unwrap_or(0)),
+                    open_stack: l.open_stack.clone(),
+                },
+            )),
+        }
+    }
+    let mut groups: Vec<Group> = groups.into_iter().map(|(_, g)| g).collect();
+    groups.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.pid.cmp(&b.pid))
+            .then(a.remote.cmp(&b.remote))
+    });
+    groups
+}
