@@ -7,7 +7,8 @@
 //! ```text
 //! tcp-fixture server --listen ADDR:PORT [--reply BYTES] [--close-after-reply | --never-close]
 //! tcp-fixture client --connect ADDR:PORT [--count N] [--mode leak|close|close-now]
-//!                    [--read] [--hold-secs S] [--wait-stdin-line]
+//!                    [--read] [--fork-holder [--close-after-fork]] [--hold-secs S]
+//!                    [--wait-stdin-line]
 //! ```
 //!
 //! Server: prints `READY <port>` once listening, then accepts forever. Each
@@ -18,21 +19,41 @@
 //!
 //! Client: opens N connections one after the other.
 //! * `leak`: keeps every socket open; with `--read` it first reads until EOF,
-//!   so the peer's FIN has arrived when `DONE` is printed.
+//!   so the peer's FIN has arrived when `DONE` is printed. Without `--read`
+//!   it reads nothing at all: the server's reply and its FIN stay in the
+//!   receive queue (`ss` Recv-Q = reply + 1 once the FIN is in, which may be
+//!   a moment after `DONE`).
 //! * `close`: reads until EOF (the FIN), then closes the socket.
 //! * `close-now`: closes the socket right after connecting, without reading.
 //!
 //! `--close-mode after-fin|never|now` is accepted as a synonym of
 //! `--mode close|leak|close-now`.
 //!
-//! After all N it prints `DONE <pid>` and one `SOCK <local> <remote> <fd>`
-//! line per connection, then waits until stdin reaches EOF or `--hold-secs`
-//! (default 3600) have passed, and exits (which closes any leaked socket).
-//! With `--wait-stdin-line` it waits for one line on stdin before connecting.
+//! `--fork-holder`: once all N are open (and read, with `--read`), fork. The
+//! child inherits every socket still open, prints nothing, has its stdio on
+//! /dev/null, and sleeps until it is killed; it gets SIGKILL when the client
+//! dies (`PR_SET_PDEATHSIG`). With `--close-after-fork` the client then
+//! closes all its sockets, so they stay open (in CLOSE_WAIT) only because
+//! the child still holds them.
+//!
+//! Then it prints `HOLDER <child pid>` (with `--fork-holder` only),
+//! `DONE <pid>` and one `SOCK <local> <remote> <fd>` line per connection, in
+//! one write, then waits until stdin reaches EOF or `--hold-secs` (default
+//! 3600) have passed, and exits (which closes any leaked socket). With
+//! `--wait-stdin-line` it waits for one line on stdin before connecting.
+//!
+//! Stacks: sockets are opened and closed with raw libc calls from named,
+//! never-inlined functions, `open_connection` -> `connect_socket` ->
+//! `connect(2)` and `close_client_socket` -> `close_fd` -> `close(2)`. The
+//! glibc syscall wrappers keep no frame pointer, so a frame-pointer walk
+//! from inside the syscall skips their immediate caller (`connect_socket`,
+//! `close_fd`) and shows the function above it: `open_connection` and
+//! `close_client_socket` are the names a stack trace reliably contains.
 
+use std::hint::black_box;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -40,7 +61,8 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   tcp-fixture server --listen ADDR:PORT [--reply BYTES] [--close-after-reply | --never-close]
   tcp-fixture client --connect ADDR:PORT [--count N] [--mode leak|close|close-now]
-                     [--close-mode never|after-fin|now] [--read] [--hold-secs S] [--wait-stdin-line]";
+                     [--close-mode never|after-fin|now] [--read] [--fork-holder [--close-after-fork]]
+                     [--hold-secs S] [--wait-stdin-line]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -87,6 +109,8 @@ struct ClientOpts {
     count: usize,
     mode: Mode,
     read: bool,
+    fork_holder: bool,
+    close_after_fork: bool,
     hold: Duration,
     wait_stdin_line: bool,
 }
@@ -141,6 +165,8 @@ fn parse_client(args: &[String]) -> Result<ClientOpts, String> {
     let mut count = 1;
     let mut mode = Mode::Leak;
     let mut read = false;
+    let mut fork_holder = false;
+    let mut close_after_fork = false;
     let mut hold = Duration::from_secs(3600);
     let mut wait_stdin_line = false;
     let mut it = args.iter();
@@ -150,16 +176,23 @@ fn parse_client(args: &[String]) -> Result<ClientOpts, String> {
             "--count" => count = parse_num(value(&mut it, arg)?, arg)?,
             "--mode" | "--close-mode" => mode = parse_mode(value(&mut it, arg)?)?,
             "--read" => read = true,
+            "--fork-holder" => fork_holder = true,
+            "--close-after-fork" => close_after_fork = true,
             "--hold-secs" => hold = Duration::from_secs(parse_num(value(&mut it, arg)?, arg)?),
             "--wait-stdin-line" => wait_stdin_line = true,
             other => return Err(format!("client: unknown argument {other:?}\n{USAGE}")),
         }
+    }
+    if close_after_fork && !fork_holder {
+        return Err("client: --close-after-fork needs --fork-holder".to_string());
     }
     Ok(ClientOpts {
         connect: connect.ok_or("client: --connect is required")?,
         count,
         mode,
         read,
+        fork_holder,
+        close_after_fork,
         hold,
         wait_stdin_line,
     })
@@ -175,6 +208,35 @@ fn check(ret: libc::c_int, what: &str) -> Result<libc::c_int, String> {
     } else {
         Ok(ret)
     }
+}
+
+/// `addr` as a `sockaddr_in` or `sockaddr_in6` (in a `sockaddr_storage`),
+/// with its length, for bind(2) and connect(2).
+fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero bytes are a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for every
+            // sockaddr type; the zeroed bytes are a valid sockaddr_in.
+            let sa = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = a.port().to_be();
+            sa.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sa = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_addr.s6_addr = a.ip().octets();
+            sa.sin6_flowinfo = a.flowinfo();
+            sa.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 /// Creates a listening socket. IPv6 sockets get `IPV6_V6ONLY` off so that a
@@ -212,45 +274,15 @@ fn listen_socket(addr: SocketAddr) -> Result<TcpListener, String> {
         )
     };
     setopt(libc::SOL_SOCKET, libc::SO_REUSEADDR, &one, "SO_REUSEADDR")?;
-    // SAFETY (both arms): the sockaddr structs are fully initialised
-    // (zeroed, then fields set) and passed with their exact size.
-    match addr {
-        SocketAddr::V4(a) => {
-            let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-            sa.sin_family = libc::AF_INET as libc::sa_family_t;
-            sa.sin_port = a.port().to_be();
-            sa.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            check(
-                unsafe {
-                    libc::bind(
-                        fd,
-                        (&sa as *const libc::sockaddr_in).cast(),
-                        std::mem::size_of_val(&sa) as libc::socklen_t,
-                    )
-                },
-                "bind",
-            )?;
-        }
-        SocketAddr::V6(a) => {
-            setopt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &zero, "IPV6_V6ONLY")?;
-            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sa.sin6_port = a.port().to_be();
-            sa.sin6_addr.s6_addr = a.ip().octets();
-            sa.sin6_flowinfo = a.flowinfo();
-            sa.sin6_scope_id = a.scope_id();
-            check(
-                unsafe {
-                    libc::bind(
-                        fd,
-                        (&sa as *const libc::sockaddr_in6).cast(),
-                        std::mem::size_of_val(&sa) as libc::socklen_t,
-                    )
-                },
-                "bind",
-            )?;
-        }
+    if addr.is_ipv6() {
+        setopt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &zero, "IPV6_V6ONLY")?;
     }
+    let (sa, len) = sockaddr_of(&addr);
+    // SAFETY: `sa` is an initialised sockaddr of length `len`.
+    check(
+        unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) },
+        "bind",
+    )?;
     // SAFETY: plain listen(2) on our socket.
     check(unsafe { libc::listen(fd, 1024) }, "listen")?;
     Ok(listener)
@@ -307,11 +339,42 @@ fn run_server(opts: ServerOpts) -> Result<(), String> {
 // Client
 // ---------------------------------------------------------------------------
 
-/// Connects one socket. A `[::ffff:a.b.c.d]` address makes an AF_INET6
-/// socket talking IPv4 (IPv4-mapped).
+/// Connects one socket: socket(2), then [`connect_socket`]. A
+/// `[::ffff:a.b.c.d]` address makes an AF_INET6 socket talking IPv4
+/// (IPv4-mapped).
+///
+/// Never inlined, and it keeps its own frame around the call: this is the
+/// function a frame-pointer stack walk from inside connect(2) (the socket's
+/// CLOSE -> SYN_SENT) must show. See the module docs.
 #[inline(never)]
-fn open_connection(addr: SocketAddr) -> io::Result<TcpStream> {
-    TcpStream::connect(addr)
+fn open_connection(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let domain = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    connect_socket(black_box(owned.as_raw_fd()), black_box(&addr))?;
+    Ok(black_box(owned))
+}
+
+/// connect(2) through glibc's wrapper, called from [`open_connection`].
+/// Checking the result after the call keeps it from being a tail call.
+#[inline(never)]
+fn connect_socket(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+    let (sa, len) = sockaddr_of(addr);
+    // SAFETY: `sa` is an initialised sockaddr of length `len`; `fd` is an
+    // open socket.
+    let ret = unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) };
+    if black_box(ret) < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reads (and discards) until the peer's FIN, i.e. until read returns 0.
@@ -329,16 +392,77 @@ fn read_until_eof(stream: &mut TcpStream) -> io::Result<u64> {
     }
 }
 
-/// Closes a client socket (the well-behaved path).
+/// Closes a client socket (the well-behaved path) with [`close_fd`]: like
+/// [`open_connection`], the name a stack walk from inside close(2) shows.
 #[inline(never)]
-fn close_client_socket(stream: TcpStream) {
-    drop(stream);
+fn close_client_socket(stream: TcpStream) -> io::Result<()> {
+    let fd = stream.into_raw_fd();
+    let result = close_fd(black_box(fd));
+    black_box(result)
+}
+
+/// close(2) through glibc's wrapper, called from [`close_client_socket`].
+#[inline(never)]
+fn close_fd(fd: RawFd) -> io::Result<()> {
+    // SAFETY: the caller gave up ownership of `fd`; it is closed once.
+    let ret = unsafe { libc::close(fd) };
+    if black_box(ret) < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Keeps a client socket open forever (the leak).
 #[inline(never)]
 fn leak_socket(kept: &mut Vec<TcpStream>, stream: TcpStream) {
     kept.push(stream);
+}
+
+/// The `--fork-holder` child: holds the inherited sockets until it is
+/// killed, or its parent (the client) dies. Runs in the child of a fork of a
+/// multi-threaded process, so it only makes raw async-signal-safe calls, and
+/// it never returns into the client's code.
+fn hold_forever(parent: libc::pid_t) -> ! {
+    // SAFETY: prctl, getppid, open, dup2, close, pause and _exit are
+    // async-signal-safe syscall wrappers taking plain values; the path is
+    // NUL-terminated.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 || libc::getppid() != parent {
+            // Cannot follow the parent, or it is already gone.
+            libc::_exit(1);
+        }
+        // Let go of the client's stdio pipes, so that their readers see EOF
+        // when the client exits, while this process lives on until killed.
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        for std_fd in 0..3 {
+            if null >= 0 {
+                libc::dup2(null, std_fd);
+            } else {
+                libc::close(std_fd);
+            }
+        }
+        if null > 2 {
+            libc::close(null);
+        }
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+/// Forks the `--fork-holder` child and returns its pid (in the client).
+fn fork_holder() -> Result<libc::pid_t, String> {
+    // SAFETY: plain getpid(2).
+    let parent = unsafe { libc::getpid() };
+    // Nothing buffered must be written twice.
+    io::stdout().flush().map_err(|e| format!("stdout: {e}"))?;
+    // SAFETY: fork(2); the child only runs `hold_forever`, which makes
+    // async-signal-safe calls only.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", io::Error::last_os_error())),
+        0 => hold_forever(parent),
+        child => Ok(child),
+    }
 }
 
 struct SockInfo {
@@ -383,12 +507,14 @@ fn run_client(opts: ClientOpts) -> Result<(), String> {
     let mut kept = Vec::new();
     let mut infos = Vec::with_capacity(opts.count);
     for i in 0..opts.count {
-        let mut stream = open_connection(opts.connect).map_err(|e| format!("connect #{i} to {}: {e}", opts.connect))?;
+        let fd = open_connection(opts.connect).map_err(|e| format!("connect #{i} to {}: {e}", opts.connect))?;
+        let mut stream = TcpStream::from(fd);
         let info = SockInfo {
             local: stream.local_addr().map_err(|e| format!("getsockname: {e}"))?,
             remote: stream.peer_addr().map_err(|e| format!("getpeername: {e}"))?,
             fd: stream.as_raw_fd(),
         };
+        let close = |stream, i| close_client_socket(stream).map_err(|e| format!("close #{i}: {e}"));
         match opts.mode {
             Mode::Leak => {
                 if opts.read {
@@ -398,16 +524,27 @@ fn run_client(opts: ClientOpts) -> Result<(), String> {
             }
             Mode::Close => {
                 read_until_eof(&mut stream).map_err(|e| format!("read #{i} from {}: {e}", info.remote))?;
-                close_client_socket(stream);
+                close(stream, i)?;
             }
-            Mode::CloseNow => close_client_socket(stream),
+            Mode::CloseNow => close(stream, i)?,
         }
         infos.push(info);
     }
 
+    let holder = if opts.fork_holder { Some(fork_holder()?) } else { None };
+    if opts.close_after_fork {
+        for (i, stream) in kept.drain(..).enumerate() {
+            close_client_socket(stream).map_err(|e| format!("close #{i} after fork: {e}"))?;
+        }
+    }
+
     {
         let mut out = io::stdout().lock();
-        let mut text = format!("DONE {}\n", std::process::id());
+        let mut text = String::new();
+        if let Some(pid) = holder {
+            text.push_str(&format!("HOLDER {pid}\n"));
+        }
+        text.push_str(&format!("DONE {}\n", std::process::id()));
         for s in &infos {
             text.push_str(&format!("SOCK {} {} {}\n", s.local, s.remote, s.fd));
         }
