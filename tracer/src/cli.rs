@@ -20,10 +20,91 @@ pub struct Cli {
 pub enum Command {
     /// Trace live: report leaks as they happen, and a summary at exit.
     Live(LiveArgs),
+    /// Record to a file for later analysis (on this or another machine).
+    Record(RecordArgs),
+    /// Analyse recordings: the same findings `live` would have printed.
+    Report(ReportArgs),
+    /// Convert a recording: jsonl, chrome-trace, folded or flamegraph.
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct LiveArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+
+    /// JSON Lines on stdout, one object per line, each with a "type".
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+
+    /// The recording to write (created with mode 0600: it holds command
+    /// lines and addresses).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: std::path::PathBuf,
+
+    /// Stop recording, with a message, when the file reaches this size
+    /// (e.g. 100M, 2G). The file is never rotated.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Recordings, in order (e.g. consecutive recordings of one host).
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<std::path::PathBuf>,
+
+    /// Only this process's sockets.
+    #[arg(long, value_name = "PID", value_parser = parse_pid)]
+    pub pid: Option<u32>,
+
+    /// Leak threshold (default: the one the recording was made with).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub leak_after: Option<Duration>,
+
+    /// JSON Lines on stdout, the same shapes as `live --json`.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also print every recorded event.
+    #[arg(long)]
+    pub events: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Every record as one JSON object per line (for jq, DuckDB).
+    Jsonl,
+    /// Socket lifetimes as spans per process (Perfetto, chrome://tracing).
+    ChromeTrace,
+    /// Leak stacks in the folded format flame-graph tools read.
+    Folded,
+    /// An SVG flame graph of the stacks that leaked.
+    Flamegraph,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<std::path::PathBuf>,
+
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+
+    /// Write here instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    pub output: Option<std::path::PathBuf>,
+}
+
+/// What `live` and `record` share: what to trace, and for how long.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
     /// Only this process's sockets (all its threads), including sockets it
     /// opened before the tracer started. Ends when the process exits.
     #[arg(long, value_name = "PID", value_parser = parse_pid)]
@@ -38,10 +119,6 @@ pub struct LiveArgs {
     /// SIGTERM, or the --pid process exits).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
-
-    /// JSON Lines on stdout, one object per line, each with a "type".
-    #[arg(long)]
-    pub json: bool,
 
     /// Also print every TCP state change, accept and close (costly on a
     /// busy host: printing is dearer than tracing).
@@ -75,6 +152,32 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match t[i..].to_ascii_lowercase().as_str() {
+                "b" => 1,
+                "k" | "kb" | "kib" => 1 << 10,
+                "m" | "mb" | "mib" => 1 << 20,
+                "g" | "gb" | "gib" => 1 << 30,
+                _ => return Err("expected a size such as 4096, 512K, 100M or 2G".into()),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| "expected a size such as 4096, 512K, 100M or 2G".to_string())?;
+    let bytes = n.checked_mul(mult).ok_or("size too large")?;
+    if bytes < 64 << 10 {
+        return Err("must be at least 64K".into());
+    }
+    Ok(bytes)
+}
+
 fn parse_pid(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(0) | Err(_) => Err("expected a process id (a positive integer)".into()),
@@ -100,6 +203,15 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("banana").is_err());
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert!(parse_size("10").is_err());
+        assert!(parse_size("lots").is_err());
     }
 
     #[test]

@@ -31,6 +31,17 @@ impl WallClock {
         WallClock { offset_ns: real - mono }
     }
 
+    /// Wall clock for a recording: its stored offset.
+    pub fn from_offset(offset_ns: i64) -> Self {
+        WallClock {
+            offset_ns: offset_ns as i128,
+        }
+    }
+
+    pub fn offset_ns(self) -> i64 {
+        self.offset_ns as i64
+    }
+
     pub fn to_system(self, ktime_ns: u64) -> SystemTime {
         let ns = (ktime_ns as i128 + self.offset_ns).max(0) as u64;
         UNIX_EPOCH + Duration::from_nanos(ns)

@@ -55,8 +55,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     }
 }
 
-/// Bytes of a wire struct, for tests (and, later, for writing records).
-#[cfg(test)]
+/// Bytes of a wire struct, for writing records.
 pub fn bytes_of<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a repr(C) wire type with explicit padding (no
     // uninitialised bytes); the slice lives as long as the borrow.

@@ -8,18 +8,18 @@
 use std::collections::{HashMap, HashSet};
 
 use netlink_packet_sock_diag::inet::StateFlags;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::{procs, procs::ProcCache, snapshot};
+use crate::{procs, snapshot};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HolderOut {
     pub pid: u32,
     pub comm: String,
     pub fd: i32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Evidence {
     /// Bytes received and never read, FIN excluded, now.
     pub unread_now: Option<u32>,
@@ -29,7 +29,7 @@ pub struct Evidence {
 }
 
 /// Evidence for each of `cookies` (CLOSE_WAIT sockets).
-pub fn gather(cookies: &HashSet<u64>, procs: &mut ProcCache) -> HashMap<u64, Evidence> {
+pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
     let mut out = HashMap::new();
     if cookies.is_empty() {
         return out;
@@ -53,7 +53,7 @@ pub fn gather(cookies: &HashSet<u64>, procs: &mut ProcCache) -> HashMap<u64, Evi
                 v.iter()
                     .map(|h| HolderOut {
                         pid: h.pid,
-                        comm: procs.get(h.pid).map(|i| i.comm.clone()).unwrap_or_default(),
+                        comm: procs::info(h.pid).map(|i| i.comm).unwrap_or_default(),
                         fd: h.fd,
                     })
                     .collect()

@@ -1,9 +1,13 @@
-//! `tracer live`: kernel events and the start-up snapshot feed the
-//! correlator; a clock drives the sweep; verdicts go to a sink.
+//! Tracing the kernel: `tracer live` (findings to stdout) and `tracer
+//! record` (inputs to a file). Kernel events, the start-up snapshot, process
+//! names, symbolized stacks and leak-time evidence become [`Input`]s; each
+//! is recorded (if recording) and fed to the one [`Engine`].
 
 use std::{
-    io,
+    collections::HashSet,
+    io::{self, IsTerminal, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -16,17 +20,19 @@ use tokio::{
 use tracer_common::tcp;
 
 use crate::{
-    cli::LiveArgs,
+    cli::TraceArgs,
     clock::{self, WallClock},
-    correlate::{Comm, Correlator, Endpoints, LeakReport, StackRef, Verdict},
+    correlate::{Correlator, StackRef},
     decode::{decode, Event},
+    engine::Engine,
     evidence,
+    input::{EndInput, EvidenceInput, ExitInput, Input, SnapshotInput, StatsInput},
     kernel::{Kernel, LoadOptions},
-    procs::{self, ProcCache},
-    report::{self, Enrich, LeakOut},
-    sink::{self, EventOut, Sink, Start, Status, Summary, SummaryStats},
+    procs::{self, ProcNames},
+    record::writer::{Header, HeaderOptions, Recorder, Written},
+    sink::{self, Sink, Start},
     snapshot,
-    stacks::StackStore,
+    stacks::StackSymbolizer,
 };
 
 /// How often the ring buffer is drained and the sweep runs. Wakeups from
@@ -35,6 +41,12 @@ const TICK: Duration = Duration::from_millis(100);
 /// Wake the reader early once this much is waiting in the ring buffer.
 const WAKEUP_FRACTION: u64 = 4;
 
+/// Where findings go: stdout (`live`), or a file (`record`).
+pub enum Output {
+    Live { json: bool },
+    Record { path: PathBuf, max_size: Option<u64> },
+}
+
 struct RawFdRef(RawFd);
 impl AsRawFd for RawFdRef {
     fn as_raw_fd(&self) -> RawFd {
@@ -42,7 +54,7 @@ impl AsRawFd for RawFdRef {
     }
 }
 
-pub async fn run(args: LiveArgs) -> Result<()> {
+pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     if let Some(pid) = args.pid {
         if !procs::exists(pid) {
             bail!("no process with pid {pid} (check the number with `ps -p {pid}`)");
@@ -50,6 +62,12 @@ pub async fn run(args: LiveArgs) -> Result<()> {
     }
     crate::kernel::check_privileges()?;
     let wall = WallClock::now();
+    let leak_after_ns = args.leak_after.as_nanos() as u64;
+    // Create the file before the (slow) load, so a bad path fails fast.
+    let recorder = match &output {
+        Output::Record { path, max_size } => Some(Recorder::create(path, &header(&args, wall, *max_size))?),
+        Output::Live { .. } => None,
+    };
     let mut kernel = Kernel::load(&LoadOptions {
         filter_tgid: args.pid,
         ring_bytes: args.ring_bytes,
@@ -59,33 +77,53 @@ pub async fn run(args: LiveArgs) -> Result<()> {
     // Open the pidfd before the snapshot so an exit in between is not lost.
     let pidfd = args.pid.map(pidfd_open).transpose()?;
 
-    let leak_after_ns = args.leak_after.as_nanos() as u64;
-    let mut corr = Correlator::new(leak_after_ns, args.pid, args.max_sockets);
-    let preexisting = seed_from_snapshot(&mut kernel, &mut corr, args.pid)?;
-
-    let stdout = io::stdout().lock();
-    let mut sink: Box<dyn Sink> = if args.json {
-        Box::new(sink::JsonSink::new(io::BufWriter::new(stdout)))
-    } else {
-        Box::new(sink::TextSink::new(io::BufWriter::new(stdout), io::stderr()))
+    let sink: Box<dyn Sink> = match &output {
+        Output::Live { json: true } => Box::new(sink::JsonSink::new(io::BufWriter::new(io::stdout()))),
+        Output::Live { json: false } => Box::new(sink::TextSink::new(io::BufWriter::new(io::stdout()), io::stderr())),
+        // Recording shows progress, not findings (`tracer report` does).
+        Output::Record { .. } => Box::new(sink::NullSink),
     };
-    let start_ns = clock::monotonic_ns();
-    sink.start(&Start {
+    let mut s = Session {
+        engine: Engine::new(
+            Correlator::new(leak_after_ns, args.pid, args.max_sockets),
+            wall,
+            args.events,
+        ),
+        sink,
+        recorder,
+        names: ProcNames::new(65536),
+        stacks: StackSymbolizer::new(65536),
+        inputs: Vec::new(),
+        decode_errors: 0,
+        full: false,
+    };
+
+    let snap = snapshot_inputs(&mut kernel, args.pid)?;
+    let preexisting = snap.sockets.len();
+    for pid in snap
+        .sockets
+        .iter()
+        .filter_map(|s| s.holder.map(|h| h.0))
+        .collect::<HashSet<_>>()
+    {
+        if let Some(p) = s.names.learn(pid) {
+            s.inputs.push(Input::Process(p));
+        }
+    }
+    s.inputs.push(Input::Snapshot(snap));
+    s.flush_inputs()?;
+    s.sink.start(&Start {
         hooks: kernel.hooks.clone(),
         filter_pid: args.pid,
         leak_after_ms: leak_after_ns / 1_000_000,
         preexisting_sockets: preexisting,
     })?;
-
-    let mut live = Live {
-        corr,
-        procs: ProcCache::new(4096),
-        stacks: StackStore::new(16384),
-        verdicts: Vec::new(),
-        decode_errors: 0,
-        events: args.events,
-        wall,
-    };
+    if let Output::Record { path, .. } = &output {
+        eprintln!(
+            "tracer: recording to {} ({preexisting} sockets already open); Ctrl-C to stop",
+            path.display()
+        );
+    }
 
     // SAFETY (both): the fds belong to `kernel` and `pidfd`, declared
     // before these and therefore dropped after them; they stay open.
@@ -102,7 +140,11 @@ pub async fn run(args: LiveArgs) -> Result<()> {
     };
     let mut tick = interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut status_tick = interval(args.status_interval);
+    let progress_every = match output {
+        Output::Record { .. } if io::stderr().is_terminal() => Duration::from_secs(1),
+        _ => args.status_interval,
+    };
+    let mut status_tick = interval(progress_every);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     status_tick.tick().await; // the first tick is immediate
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -129,53 +171,73 @@ pub async fn run(args: LiveArgs) -> Result<()> {
         let result = tokio::select! {
             guard = ring.readable() => {
                 if let Ok(mut g) = guard { g.clear_ready(); }
-                live.drain(&mut kernel, sink.as_mut())
+                s.drain(&mut kernel)
             }
-            _ = tick.tick() => {
-                live.drain(&mut kernel, sink.as_mut())
-                    .and_then(|()| live.sweep(&kernel, clock::monotonic_ns(), sink.as_mut()))
-            }
-            _ = status_tick.tick() => {
-                live.status(&kernel, start_ns, sink.as_mut())
-            }
+            _ = tick.tick() => s.drain(&mut kernel).and_then(|()| s.tick(clock::monotonic_ns())),
+            _ = status_tick.tick() => s.status(&kernel, &output),
             _ = &mut until_deadline => break "duration",
             _ = sigint.recv() => break "signal",
             _ = sigterm.recv() => break "signal",
             _ = &mut process_exited => {
                 // Let the exit's own closes arrive before concluding.
                 tokio::time::sleep(TICK).await;
-                let r = live.drain(&mut kernel, sink.as_mut());
-                if let Err(e) = r { break output_error(e)?; }
-                sink.process_exit(args.pid.expect("pidfd implies --pid"))?;
+                if let Err(e) = s.drain(&mut kernel) { break output_error(e)?; }
+                let pid = args.pid.expect("pidfd implies --pid");
+                s.inputs.push(Input::ProcessExit(ExitInput { ns: clock::monotonic_ns(), pid }));
+                if let Err(e) = s.flush_inputs() { break output_error(e)?; }
                 break "process_exit";
             }
         };
         if let Err(e) = result {
             break output_error(e)?;
         }
+        if s.full {
+            eprintln!("tracer: the recording reached --max-size; stopping");
+            break "max_size";
+        }
     };
 
     if reason != "output_closed" {
-        live.drain(&mut kernel, sink.as_mut())
-            .or_else(|e| output_error(e).map(|_| ()))?;
-        let now = clock::monotonic_ns();
-        live.sweep(&kernel, now, sink.as_mut())
-            .or_else(|e| output_error(e).map(|_| ()))?;
-        let leaks = live.leak_outs(&kernel, &live.corr.current_leaks(now));
-        let summary = Summary {
-            duration_ms: now.saturating_sub(start_ns) / 1_000_000,
-            reason,
-            groups: report::group(&leaks),
-            leaks,
-            stats: SummaryStats {
-                kernel: kernel.stats()?,
-                agent: live.corr.stats(),
-                decode_errors: live.decode_errors,
-            },
-        };
-        sink.summary(&summary).or_else(|e| output_error(e).map(|_| ()))?;
+        s.finish(&kernel, reason).or_else(|e| output_error(e).map(|_| ()))?;
+    }
+    if let (Output::Record { path, .. }, Some(r)) = (&output, &s.recorder) {
+        eprintln!(
+            "tracer: wrote {} ({}); analyse it with `tracer report {}`",
+            path.display(),
+            size(r.written),
+            path.display()
+        );
     }
     Ok(())
+}
+
+fn header(args: &TraceArgs, wall: WallClock, max_size: Option<u64>) -> Header {
+    let uts = procfs_uname();
+    Header {
+        tracer_version: env!("CARGO_PKG_VERSION").into(),
+        hostname: uts.0,
+        kernel_release: uts.1,
+        boot_to_wall_offset_ns: wall.offset_ns(),
+        started_at: wall.format(clock::monotonic_ns()),
+        options: HeaderOptions {
+            pid: args.pid,
+            leak_after_ms: args.leak_after.as_millis() as u64,
+            max_size,
+        },
+    }
+}
+
+fn procfs_uname() -> (String, String) {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    (read("/proc/sys/kernel/hostname"), read("/proc/sys/kernel/osrelease"))
+}
+
+fn size(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// A closed stdout (`tracer live | head`) ends tracing quietly; any other
@@ -188,26 +250,25 @@ fn output_error(e: io::Error) -> Result<&'static str> {
     }
 }
 
-/// Feeds the correlator the sockets that exist now. With `--pid`, they are
-/// also added to the kernel's watch list, and read a second time so that a
-/// state change between the two reads is not lost.
-fn seed_from_snapshot(kernel: &mut Kernel, corr: &mut Correlator, pid: Option<u32>) -> Result<usize> {
+/// The sockets that exist now. With `--pid`, they are also added to the
+/// kernel's watch list, and read a second time so that a state change
+/// between the two reads is not lost.
+fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInput> {
     let mut snap = snapshot::take(pid).context("reading existing sockets (sock_diag)")?;
     if let Some(pid) = pid {
         for s in &snap {
             kernel.watch(s.cookie, pid)?;
         }
-        let watched: std::collections::HashSet<u64> = snap.iter().map(|s| s.cookie).collect();
+        let watched: HashSet<u64> = snap.iter().map(|s| s.cookie).collect();
         snap = snapshot::take(Some(pid))?
             .into_iter()
             .filter(|s| watched.contains(&s.cookie))
             .collect();
     }
-    let now = clock::monotonic_ns();
-    for s in &snap {
-        corr.on_snapshot(s, now);
-    }
-    Ok(snap.len())
+    Ok(SnapshotInput {
+        ns: clock::monotonic_ns(),
+        sockets: snap,
+    })
 }
 
 fn pidfd_open(pid: u32) -> Result<OwnedFd> {
@@ -220,20 +281,37 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-struct Live {
-    corr: Correlator,
-    procs: ProcCache,
-    stacks: StackStore,
-    verdicts: Vec<Verdict>,
+struct Session {
+    engine: Engine,
+    sink: Box<dyn Sink>,
+    recorder: Option<Recorder>,
+    names: ProcNames,
+    stacks: StackSymbolizer,
+    /// Inputs waiting to be recorded and analysed, in order.
+    inputs: Vec<Input>,
     decode_errors: u64,
-    events: bool,
-    wall: WallClock,
+    /// The recording reached its size limit.
+    full: bool,
 }
 
-impl Live {
+impl Session {
+    fn flush_inputs(&mut self) -> io::Result<()> {
+        for input in self.inputs.drain(..) {
+            if let Some(r) = self.recorder.as_mut() {
+                if !self.full {
+                    if let Written::Full = r.write(&input)? {
+                        self.full = true;
+                    }
+                }
+            }
+            self.engine.feed(&input, self.sink.as_mut())?;
+        }
+        self.sink.flush()
+    }
+
     /// Reads everything waiting in the ring buffer. No allocation per
-    /// event unless `--events` asked for every event to be printed.
-    fn drain(&mut self, kernel: &mut Kernel, sink: &mut dyn Sink) -> io::Result<()> {
+    /// event beyond the input queue, unless `--events` prints each one.
+    fn drain(&mut self, kernel: &mut Kernel) -> io::Result<()> {
         kernel.flush_logs();
         loop {
             // The item borrows the ring buffer: decode (a copy) and let go.
@@ -251,132 +329,108 @@ impl Live {
                     continue;
                 }
             };
-            // Owners' command lines and stacks are read now, while the
-            // processes still run.
-            match &ev {
-                Event::State(s) if s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT => {
-                    self.procs.learn(s.header.tgid);
-                    self.stacks.learn(kernel, StackRef::of(&s.header));
+            // Owners' names and stacks are read now, while they still run.
+            let owner = match &ev {
+                Event::State(s) if s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT => Some(&s.header),
+                Event::Accept(f) => Some(&f.header),
+                Event::Close(f) => {
+                    self.stacks.learn(kernel, StackRef::of(&f.header), &mut self.inputs);
+                    None
                 }
-                Event::Accept(f) => {
-                    self.procs.learn(f.header.tgid);
-                    self.stacks.learn(kernel, StackRef::of(&f.header));
+                Event::State(_) => None,
+            };
+            if let Some(h) = owner {
+                if let Some(p) = self.names.learn(h.tgid) {
+                    self.inputs.push(Input::Process(p));
                 }
-                Event::Close(f) => self.stacks.learn(kernel, StackRef::of(&f.header)),
-                Event::State(_) => {}
+                self.stacks.learn(kernel, StackRef::of(h), &mut self.inputs);
             }
-            if self.events {
-                sink.event(&self.event_out(&ev))?;
-            }
-            self.corr.on_event(&ev, &mut self.verdicts);
-            self.emit(kernel, sink)?;
-        }
-        sink.flush()
-    }
-
-    fn sweep(&mut self, kernel: &Kernel, now_ns: u64, sink: &mut dyn Sink) -> io::Result<()> {
-        self.corr.sweep(now_ns, &mut self.verdicts);
-        self.emit(kernel, sink)?;
-        sink.flush()
-    }
-
-    /// User-facing views of `leaks`, with evidence read from the kernel now.
-    fn leak_outs(&mut self, kernel: &Kernel, leaks: &[LeakReport]) -> Vec<LeakOut> {
-        let cookies = leaks.iter().map(|l| l.cookie).collect();
-        let evidence = evidence::gather(&cookies, &mut self.procs);
-        let mut e = Enrich {
-            procs: &mut self.procs,
-            stacks: &mut self.stacks,
-            kernel,
-            evidence: &evidence,
-        };
-        leaks.iter().map(|l| LeakOut::new(l, &mut e)).collect()
-    }
-
-    fn emit(&mut self, kernel: &Kernel, sink: &mut dyn Sink) -> io::Result<()> {
-        if self.verdicts.is_empty() {
-            return Ok(());
-        }
-        let verdicts = std::mem::take(&mut self.verdicts);
-        // Evidence for all new leaks of this batch in one pass.
-        let new_leaks: Vec<LeakReport> = verdicts
-            .iter()
-            .filter_map(|v| match v {
-                Verdict::Leak(l) => Some(l.clone()),
-                Verdict::LateClose { .. } => None,
-            })
-            .collect();
-        let mut outs = self.leak_outs(kernel, &new_leaks).into_iter();
-        let no_evidence = std::collections::HashMap::new();
-        for v in &verdicts {
-            match v {
-                Verdict::Leak(_) => sink.leak(&outs.next().expect("one view per leak"))?,
-                Verdict::LateClose {
-                    leak,
-                    closed_after_ns,
-                    aborted,
-                } => {
-                    let mut e = Enrich {
-                        procs: &mut self.procs,
-                        stacks: &mut self.stacks,
-                        kernel,
-                        evidence: &no_evidence,
-                    };
-                    sink.late_close(&LeakOut::new(leak, &mut e), closed_after_ns / 1_000_000, *aborted)?
-                }
+            self.inputs.push(Input::Kernel(ev));
+            if self.inputs.len() >= 1024 {
+                self.flush_inputs()?;
             }
         }
-        self.verdicts = verdicts;
-        self.verdicts.clear();
+        self.flush_inputs()
+    }
+
+    /// Time passes. Evidence for the leaks about to be reported is read
+    /// first, so it is recorded ahead of the tick that reports them.
+    fn tick(&mut self, now: u64) -> io::Result<()> {
+        let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
+        self.push_evidence(due, now);
+        self.inputs.push(Input::Tick(now));
+        self.flush_inputs()?;
+        if let Some(r) = self.recorder.as_mut() {
+            r.flush()?;
+        }
         Ok(())
     }
 
-    fn status(&mut self, kernel: &Kernel, start_ns: u64, sink: &mut dyn Sink) -> io::Result<()> {
-        let now = clock::monotonic_ns();
-        let stats = self.corr.stats();
-        sink.status(&Status {
-            time: self.wall.format(now),
-            uptime_ms: now.saturating_sub(start_ns) / 1_000_000,
-            events: stats.events,
-            sockets_tracked: stats.sockets_tracked,
-            leaks_now: self.corr.current_leaks(now).len(),
-            ringbuf_drops: kernel.stats().map(|k| k.ringbuf_drops).unwrap_or(0),
-        })?;
-        sink.flush()
+    fn push_evidence(&mut self, cookies: HashSet<u64>, now: u64) {
+        if cookies.is_empty() {
+            return;
+        }
+        let items: Vec<_> = evidence::gather(&cookies).into_iter().collect();
+        if !items.is_empty() {
+            self.inputs.push(Input::Evidence(EvidenceInput { ns: now, items }));
+        }
     }
 
-    fn event_out(&self, ev: &Event) -> EventOut {
-        let h = ev.header();
-        let mut out = EventOut {
-            time: self.wall.format(h.ktime_ns),
-            kind: "state",
-            cookie: h.cookie,
-            task_pid: h.tgid,
-            task_tid: h.tid,
-            task_comm: Comm(h.comm).as_str().into_owned(),
-            old_state: None,
-            new_state: None,
-            local: None,
-            remote: None,
-            fd: None,
-        };
-        match ev {
-            Event::State(s) => {
-                let ep = Endpoints::from_event(s);
-                out.old_state = Some(tcp::name(s.oldstate));
-                out.new_state = Some(tcp::name(s.newstate));
-                out.local = Some(ep.local.to_string());
-                out.remote = Some(ep.remote.to_string());
-            }
-            Event::Accept(f) => {
-                out.kind = "accept";
-                out.fd = Some(f.fd);
-            }
-            Event::Close(f) => {
-                out.kind = "close";
-                out.fd = Some(f.fd);
+    fn push_stats(&mut self, kernel: &Kernel) {
+        if let Ok(k) = kernel.stats() {
+            self.inputs.push(Input::Stats(StatsInput {
+                ns: clock::monotonic_ns(),
+                kernel: k,
+            }));
+        }
+    }
+
+    fn status(&mut self, kernel: &Kernel, output: &Output) -> io::Result<()> {
+        self.push_stats(kernel);
+        self.flush_inputs()?;
+        let st = self.engine.status();
+        match output {
+            Output::Live { .. } => self.sink.status(&st)?,
+            Output::Record { .. } => {
+                let written = self.recorder.as_ref().map_or(0, |r| r.written);
+                let line = format!(
+                    "recording: {} events, {} sockets, {} leaked now, {} ring-buffer drops, {}",
+                    st.events,
+                    st.sockets_tracked,
+                    st.leaks_now,
+                    st.ringbuf_drops,
+                    size(written)
+                );
+                let mut err = io::stderr();
+                if err.is_terminal() {
+                    write!(err, "\r{line}\x1b[K")?;
+                } else {
+                    writeln!(err, "{line}")?;
+                }
             }
         }
-        out
+        self.sink.flush()
+    }
+
+    fn finish(&mut self, kernel: &Kernel, reason: &'static str) -> io::Result<()> {
+        let now = clock::monotonic_ns();
+        let mut cookies: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();
+        cookies.extend(self.engine.due_leaks(now));
+        self.push_evidence(cookies, now);
+        self.inputs.push(Input::Tick(now));
+        self.push_stats(kernel);
+        self.inputs.push(Input::End(EndInput {
+            ns: now,
+            reason: reason.into(),
+        }));
+        self.flush_inputs()?;
+        if let Some(r) = self.recorder.as_mut() {
+            r.flush()?;
+            if io::stderr().is_terminal() {
+                eprintln!();
+            }
+        }
+        let summary = self.engine.summary(reason, self.decode_errors, self.sink.as_mut())?;
+        self.sink.summary(&summary)
     }
 }

@@ -4,10 +4,15 @@ mod cli;
 mod clock;
 mod correlate;
 mod decode;
+mod engine;
 mod evidence;
+mod export;
+mod input;
 mod kernel;
 mod live;
 mod procs;
+mod record;
+mod replay;
 mod report;
 mod sink;
 mod snapshot;
@@ -49,7 +54,19 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            cli::Command::Live(args) => live::run(args).await,
+            cli::Command::Live(a) => live::run(a.trace, live::Output::Live { json: a.json }).await,
+            cli::Command::Record(a) => {
+                live::run(
+                    a.trace,
+                    live::Output::Record {
+                        path: a.output,
+                        max_size: a.max_size,
+                    },
+                )
+                .await
+            }
+            cli::Command::Report(a) => replay::report(&a),
+            cli::Command::Export(a) => export::export(&a),
         }
     });
     match result {

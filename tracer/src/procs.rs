@@ -46,7 +46,7 @@ pub fn socket_holders(only_pid: Option<u32>) -> HashMap<u64, Vec<Holder>> {
     map
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcInfo {
     pub comm: String,
     pub cmdline: String,
@@ -67,36 +67,31 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// pid -> name and command line, looked up once per pid while it runs, so
-/// that a leak reported after the process exited still names it. Bounded.
-pub struct ProcCache {
-    map: HashMap<u32, ProcInfo>,
+/// Remembers which pids have been named already, so each process's name
+/// and command line are read from /proc once, while it still runs.
+/// Bounded: forgets everything when full (live processes are re-read).
+pub struct ProcNames {
+    seen: std::collections::HashSet<u32>,
     cap: usize,
 }
 
-impl ProcCache {
+impl ProcNames {
     pub fn new(cap: usize) -> Self {
-        ProcCache {
-            map: HashMap::new(),
+        ProcNames {
+            seen: Default::default(),
             cap,
         }
     }
 
-    pub fn learn(&mut self, pid: u32) {
-        if pid == 0 || self.map.contains_key(&pid) {
-            return;
+    /// The process's name, the first time it is asked for.
+    pub fn learn(&mut self, pid: u32) -> Option<crate::input::ProcessInput> {
+        if pid == 0 || self.seen.contains(&pid) {
+            return None;
         }
-        if self.map.len() >= self.cap {
-            // Cheap bound: forget everything; live processes are re-read.
-            self.map.clear();
+        if self.seen.len() >= self.cap {
+            self.seen.clear();
         }
-        if let Some(i) = info(pid) {
-            self.map.insert(pid, i);
-        }
-    }
-
-    pub fn get(&mut self, pid: u32) -> Option<&ProcInfo> {
-        self.learn(pid);
-        self.map.get(&pid)
+        self.seen.insert(pid);
+        info(pid).map(|info| crate::input::ProcessInput { pid, info })
     }
 }

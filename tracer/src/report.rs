@@ -7,11 +7,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
-    correlate::{Endpoints, LeakReport, OwnerSource},
+    correlate::{Endpoints, LeakReport, OwnerSource, StackRef},
     evidence::{Evidence, HolderOut},
-    kernel::Kernel,
-    procs::ProcCache,
-    stacks::{Frame, StackStore},
+    procs::ProcInfo,
+    stacks::Frame,
 };
 
 /// One leaked socket, as shown to users.
@@ -60,16 +59,16 @@ pub struct ClosedBy {
     pub fd: i32,
 }
 
-/// What building a [`LeakOut`] draws on.
+/// What building a [`LeakOut`] draws on: what the engine has learned.
 pub struct Enrich<'a> {
-    pub procs: &'a mut ProcCache,
-    pub stacks: &'a mut StackStore,
-    pub kernel: &'a Kernel,
+    pub names: &'a HashMap<u32, ProcInfo>,
     pub evidence: &'a HashMap<u64, Evidence>,
+    /// Symbolized frames for a stack reference, or why there are none.
+    pub stacks: &'a dyn Fn(Option<StackRef>) -> (Vec<Frame>, Option<String>),
 }
 
 impl LeakOut {
-    pub fn new(l: &LeakReport, e: &mut Enrich<'_>) -> Self {
+    pub fn new(l: &LeakReport, e: &Enrich<'_>) -> Self {
         let ev = e.evidence.get(&l.cookie);
         let holders = ev.map(|ev| ev.holders.clone()).unwrap_or_default();
         // The owner per the kernel events; failing that, whoever holds it.
@@ -80,7 +79,7 @@ impl LeakOut {
         };
         let fd = holders.iter().find(|h| Some(h.pid) == pid).map(|h| h.fd).or(l.fd);
         let cmdline = pid
-            .and_then(|p| e.procs.get(p))
+            .and_then(|p| e.names.get(&p))
             .map(|i| i.cmdline.clone())
             .unwrap_or_default();
         let ep = |f: fn(&Endpoints) -> std::net::SocketAddr| {
@@ -89,10 +88,10 @@ impl LeakOut {
                 .map(|e| f(e).to_string())
                 .unwrap_or_else(|| "?".into())
         };
-        let (open_stack, open_stack_error) = e.stacks.frames(e.kernel, l.open_stack);
+        let (open_stack, open_stack_error) = (e.stacks)(l.open_stack);
         let (close_stack, close_stack_error) = match l.last_close {
             Some(c) => {
-                let (f, err) = e.stacks.frames(e.kernel, Some(c.stack));
+                let (f, err) = (e.stacks)(Some(c.stack));
                 (Some(f), err)
             }
             None => (None, None),

@@ -3,22 +3,26 @@
 //! may be gone). blazesym reads ELF symbols, DWARF file:line, perf maps
 //! (`/tmp/perf-PID.map`, for JIT frames) and kallsyms.
 
-use std::{collections::HashMap, sync::Arc};
+use std::collections::HashSet;
 
 use blazesym::{
     normalize::Normalizer,
     symbolize::{
         source::{Kernel as KernelSource, Process, Source},
-        Input, Symbolized, Symbolizer,
+        Input as SymInput, Symbolized, Symbolizer,
     },
     MaybeDefault, Pid,
 };
 use serde::Serialize;
 use tracer_common::NO_STACK;
 
-use crate::{correlate::StackRef, kernel::Kernel};
+use crate::{
+    correlate::StackRef,
+    input::{Input, StackInput, StackKey},
+    kernel::Kernel,
+};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Frame {
     pub ip: String,
     pub symbol: Option<String>,
@@ -30,107 +34,86 @@ pub struct Frame {
     pub line: Option<u32>,
     pub kernel: bool,
     /// Why this frame has no symbol.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
-/// Frames of one stack, innermost first, or why there are none.
-pub type Stack = Arc<Result<Vec<Frame>, String>>;
-
-/// Cache of symbolized stacks: each (pid, stack id) is symbolized once.
-/// Bounded: cleared when full (entries are cheap to recompute while the
-/// process lives).
-pub struct StackStore {
+/// Symbolizes each stack the kernel captured, once, while its process is
+/// alive, and hands the result on as an input (so a recording carries it).
+/// Remembers which stacks it has done; bounded, cleared when full.
+pub struct StackSymbolizer {
     symbolizer: Symbolizer,
     normalizer: Normalizer,
-    user: HashMap<(u32, i32), Stack>,
-    kernel: HashMap<i32, Stack>,
+    seen: HashSet<StackKey>,
     cap: usize,
 }
 
-impl StackStore {
+impl StackSymbolizer {
     pub fn new(cap: usize) -> Self {
-        StackStore {
+        StackSymbolizer {
             symbolizer: Symbolizer::new(),
             normalizer: Normalizer::new(),
-            user: HashMap::new(),
-            kernel: HashMap::new(),
+            seen: HashSet::new(),
             cap,
         }
     }
 
-    /// Symbolizes (once) the stacks an event refers to.
-    pub fn learn(&mut self, k: &Kernel, r: StackRef) {
-        let _ = self.user(k, r.pid, r.ustack);
-        let _ = self.kernel(k, r.kstack);
-    }
-
-    /// User frames then kernel frames (each innermost first), or the reason
-    /// there is no user stack.
-    pub fn frames(&mut self, k: &Kernel, r: Option<StackRef>) -> (Vec<Frame>, Option<String>) {
-        let Some(r) = r else {
-            return (Vec::new(), Some("the socket predates the tracer".into()));
-        };
-        let user = self.user(k, r.pid, r.ustack);
-        let kern = self.kernel(k, r.kstack);
-        let mut frames = Vec::new();
-        let mut error = None;
-        match user.as_ref() {
-            Ok(f) => frames.extend(f.iter().cloned()),
-            Err(e) => error = Some(e.clone()),
-        }
-        if let Ok(f) = kern.as_ref() {
-            frames.extend(f.iter().cloned());
-        }
-        (frames, error)
-    }
-
-    fn user(&mut self, k: &Kernel, pid: u32, id: i32) -> Stack {
-        if let Some(s) = self.user.get(&(pid, id)) {
-            return s.clone();
-        }
-        if self.user.len() >= self.cap {
-            self.user.clear();
-        }
-        let s = Arc::new(k.stack_ips(id).map_err(|e| e.to_string()).and_then(|ips| {
-            let src = Source::Process(Process::new(Pid::from(pid)));
-            Ok(self.symbolize(&src, &ips, false, Some(pid)))
-        }));
-        self.user.insert((pid, id), s.clone());
-        s
-    }
-
-    fn kernel(&mut self, k: &Kernel, id: i32) -> Stack {
-        if let Some(s) = self.kernel.get(&id) {
-            return s.clone();
-        }
-        if self.kernel.len() >= self.cap {
-            self.kernel.clear();
-        }
-        let s = Arc::new(k.stack_ips(id).map_err(|e| e.to_string()).map(|ips| {
-            let src = Source::Kernel(KernelSource {
-                // kallsyms is enough for function names; a vmlinux with
-                // DWARF would add lines but costs seconds to load.
-                vmlinux: MaybeDefault::None,
-                debug_syms: false,
-                ..KernelSource::default()
+    /// Inputs for the stacks `r` refers to that were not symbolized yet.
+    pub fn learn(&mut self, k: &Kernel, r: StackRef, out: &mut Vec<Input>) {
+        for (key, kernel) in [
+            (
+                StackKey {
+                    pid: r.pid,
+                    id: r.ustack,
+                },
+                false,
+            ),
+            (StackKey { pid: 0, id: r.kstack }, true),
+        ] {
+            if key.id < 0 || self.seen.contains(&key) {
+                continue;
+            }
+            if self.seen.len() >= self.cap {
+                self.seen.clear();
+            }
+            self.seen.insert(key);
+            let frames = k.stack_ips(key.id).map(|ips| {
+                if kernel {
+                    self.kernel_frames(&ips)
+                } else {
+                    self.user_frames(key.pid, &ips)
+                }
             });
-            let mut frames = self.symbolize(&src, &ips, true, None);
-            // The innermost kernel frames are the tracer's own program and
-            // the tracepoint plumbing that ran it: not the socket's story.
-            let ours = frames
-                .iter()
-                .take_while(|f| {
-                    f.symbol.as_deref().is_some_and(|s| {
-                        s.starts_with("bpf_prog_") || s.starts_with("bpf_trace_run") || s.starts_with("__bpf_trace_")
-                    })
+            out.push(Input::Stack(StackInput { key, frames }));
+        }
+    }
+
+    fn user_frames(&self, pid: u32, ips: &[u64]) -> Vec<Frame> {
+        let src = Source::Process(Process::new(Pid::from(pid)));
+        self.symbolize(&src, ips, false, Some(pid))
+    }
+
+    fn kernel_frames(&self, ips: &[u64]) -> Vec<Frame> {
+        let src = Source::Kernel(KernelSource {
+            // kallsyms is enough for function names; a vmlinux with DWARF
+            // would add lines but costs seconds to load.
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..KernelSource::default()
+        });
+        let mut frames = self.symbolize(&src, ips, true, None);
+        // The innermost kernel frames are the tracer's own program and the
+        // tracepoint plumbing that ran it: not the socket's story.
+        let ours = frames
+            .iter()
+            .take_while(|f| {
+                f.symbol.as_deref().is_some_and(|s| {
+                    s.starts_with("bpf_prog_") || s.starts_with("bpf_trace_run") || s.starts_with("__bpf_trace_")
                 })
-                .count();
-            frames.drain(..ours);
-            frames
-        }));
-        self.kernel.insert(id, s.clone());
-        s
+            })
+            .count();
+        frames.drain(..ours);
+        frames
     }
 
     fn symbolize(&self, src: &Source, ips: &[u64], kernel: bool, pid: Option<u32>) -> Vec<Frame> {
@@ -140,7 +123,7 @@ impl StackStore {
             .enumerate()
             .map(|(i, &ip)| if i == 0 { ip } else { ip - 1 })
             .collect();
-        let syms = match self.symbolizer.symbolize(src, Input::AbsAddr(&lookup)) {
+        let syms = match self.symbolizer.symbolize(src, SymInput::AbsAddr(&lookup)) {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!("symbolization failed: {e}");

@@ -14,7 +14,7 @@ use tracer_common::{tcp, FdEvent, Header, StateEvent};
 use crate::decode::Event;
 
 /// A socket found by the start-up snapshot (sock_diag + /proc).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotSocket {
     pub cookie: u64,
     pub state: u8,
@@ -292,6 +292,15 @@ impl Correlator {
             self.stats.leaks_reported += 1;
             out.push(Verdict::Leak(report(sock, since, now_ns)));
         }
+    }
+
+    /// Cookies the next `sweep(now_ns)` will report.
+    pub fn due(&self, now_ns: u64) -> Vec<u64> {
+        self.pending
+            .iter()
+            .take_while(|(since, _)| now_ns >= since.saturating_add(self.leak_after_ns))
+            .map(|&(_, cookie)| cookie)
+            .collect()
     }
 
     /// Every socket currently reported as leaked, as of `now_ns`.

@@ -8,6 +8,20 @@ use tracer_common::{event::AF_INET6, StateEvent, COMM_LEN};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Comm(pub [u8; COMM_LEN]);
 
+/// Recorded as the text it stands for.
+impl serde::Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Comm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(Comm::from_str(&s))
+    }
+}
+
 impl Comm {
     pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
         let end = self.0.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
@@ -31,7 +45,7 @@ impl std::fmt::Debug for Comm {
 /// How the owner was learned. Only process-context evidence counts: a state
 /// change's current task is never taken as the owner, except for connect
 /// (CLOSE -> SYN_SENT runs inside the owner's connect()).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OwnerSource {
     Connect,
@@ -49,7 +63,7 @@ pub struct Owner {
     pub source: OwnerSource,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Endpoints {
     pub local: SocketAddr,
     pub remote: SocketAddr,

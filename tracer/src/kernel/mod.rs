@@ -38,7 +38,7 @@ pub struct HookStatus {
 }
 
 /// Kernel-side totals, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelStats {
     pub generated: u64,
     pub ringbuf_drops: u64,

@@ -67,11 +67,54 @@ pub struct SummaryStats {
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub duration_ms: u64,
+    /// For `tracer report`: the files read and any damage found in them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recording: Option<RecordingInfo>,
     /// Why tracing stopped: "duration", "signal", "process_exit", "output_closed".
     pub reason: &'static str,
     pub leaks: Vec<LeakOut>,
     pub groups: Vec<Group>,
     pub stats: SummaryStats,
+}
+
+/// Discards findings (recording shows progress instead).
+pub struct NullSink;
+
+impl Sink for NullSink {
+    fn start(&mut self, _: &Start) -> io::Result<()> {
+        Ok(())
+    }
+    fn event(&mut self, _: &EventOut) -> io::Result<()> {
+        Ok(())
+    }
+    fn leak(&mut self, _: &LeakOut) -> io::Result<()> {
+        Ok(())
+    }
+    fn late_close(&mut self, _: &LeakOut, _: u64, _: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn status(&mut self, _: &Status) -> io::Result<()> {
+        Ok(())
+    }
+    fn process_exit(&mut self, _: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn summary(&mut self, _: &Summary) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RecordingInfo {
+    pub files: Vec<String>,
+    pub records: u64,
+    /// Damage found: corrupt records skipped, or an early end.
+    pub damage: Vec<String>,
+    /// The recording stops before its clean end (tracer killed, disk full).
+    pub ended_early: bool,
 }
 
 pub trait Sink {

@@ -224,6 +224,12 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
                 }
             }
         }
+        if let Some(r) = &s.recording {
+            writeln!(o, "recording: {} ({} records)", r.files.join(", "), r.records)?;
+            for d in &r.damage {
+                writeln!(o, "WARNING: {d}")?;
+            }
+        }
         let k = &s.stats.kernel;
         writeln!(
             o,

@@ -1,0 +1,246 @@
+//! The analysis: inputs in, findings out. One code path for live tracing
+//! and for recordings, so the same events give the same verdicts.
+
+use std::{collections::HashMap, io};
+
+use tracer_common::tcp;
+
+use crate::{
+    clock::WallClock,
+    correlate::{Comm, Correlator, Endpoints, LeakReport, StackRef, Verdict},
+    decode::Event,
+    evidence::Evidence,
+    input::{Input, StackKey},
+    kernel::KernelStats,
+    procs::ProcInfo,
+    report::{self, Enrich, LeakOut},
+    sink::{EventOut, Sink, Status, Summary, SummaryStats},
+    stacks::{stack_id_error, Frame},
+};
+
+/// Bound on remembered process names and stacks; cleared when reached.
+const CACHE_CAP: usize = 65536;
+
+pub struct Engine {
+    corr: Correlator,
+    names: HashMap<u32, ProcInfo>,
+    stacks: HashMap<StackKey, Result<Vec<Frame>, String>>,
+    evidence: HashMap<u64, Evidence>,
+    verdicts: Vec<Verdict>,
+    kernel_stats: KernelStats,
+    print_events: bool,
+    wall: WallClock,
+    start_ns: Option<u64>,
+    now_ns: u64,
+}
+
+impl Engine {
+    pub fn new(corr: Correlator, wall: WallClock, print_events: bool) -> Self {
+        Engine {
+            corr,
+            names: HashMap::new(),
+            stacks: HashMap::new(),
+            evidence: HashMap::new(),
+            verdicts: Vec::new(),
+            kernel_stats: KernelStats::default(),
+            print_events,
+            wall,
+            start_ns: None,
+            now_ns: 0,
+        }
+    }
+
+    /// Cookies of CLOSE_WAIT sockets that the sweep at `now_ns` will report:
+    /// live tracing gathers their evidence first, so it can be recorded
+    /// ahead of the tick that reports them.
+    pub fn due_leaks(&self, now_ns: u64) -> Vec<u64> {
+        self.corr.due(now_ns)
+    }
+
+    pub fn current_leak_cookies(&self) -> Vec<u64> {
+        self.corr.current_leaks(self.now_ns).iter().map(|l| l.cookie).collect()
+    }
+
+    pub fn feed(&mut self, input: &Input, sink: &mut dyn Sink) -> io::Result<()> {
+        match input {
+            Input::Kernel(ev) => {
+                self.advance(ev.header().ktime_ns);
+                if self.print_events {
+                    sink.event(&self.event_out(ev))?;
+                }
+                self.corr.on_event(ev, &mut self.verdicts);
+            }
+            Input::Process(p) => {
+                bounded(&mut self.names);
+                self.names.insert(p.pid, p.info.clone());
+            }
+            Input::Stack(s) => {
+                bounded(&mut self.stacks);
+                self.stacks.insert(s.key, s.frames.clone());
+            }
+            Input::Snapshot(s) => {
+                self.advance(s.ns);
+                for sock in &s.sockets {
+                    self.corr.on_snapshot(sock, s.ns);
+                }
+            }
+            Input::Evidence(e) => {
+                bounded(&mut self.evidence);
+                self.evidence.extend(e.items.iter().cloned());
+            }
+            Input::Tick(ns) => {
+                self.advance(*ns);
+                self.corr.sweep(*ns, &mut self.verdicts);
+            }
+            Input::Stats(s) => {
+                self.advance(s.ns);
+                self.kernel_stats = s.kernel;
+            }
+            Input::ProcessExit(e) => {
+                self.advance(e.ns);
+                self.emit(sink)?;
+                sink.process_exit(e.pid)?;
+            }
+            Input::End(e) => self.advance(e.ns),
+        }
+        self.emit(sink)
+    }
+
+    fn advance(&mut self, ns: u64) {
+        self.start_ns.get_or_insert(ns);
+        self.now_ns = self.now_ns.max(ns);
+    }
+
+    fn emit(&mut self, sink: &mut dyn Sink) -> io::Result<()> {
+        if self.verdicts.is_empty() {
+            return Ok(());
+        }
+        let verdicts = std::mem::take(&mut self.verdicts);
+        for v in &verdicts {
+            match v {
+                Verdict::Leak(l) => sink.leak(&self.leak_out(l))?,
+                Verdict::LateClose {
+                    leak,
+                    closed_after_ns,
+                    aborted,
+                } => sink.late_close(&self.leak_out(leak), closed_after_ns / 1_000_000, *aborted)?,
+            }
+        }
+        self.verdicts = verdicts;
+        self.verdicts.clear();
+        Ok(())
+    }
+
+    fn leak_out(&self, l: &LeakReport) -> LeakOut {
+        LeakOut::new(
+            l,
+            &Enrich {
+                names: &self.names,
+                evidence: &self.evidence,
+                stacks: &|r| self.frames(r),
+            },
+        )
+    }
+
+    /// User frames then kernel frames, or why there is no user stack.
+    fn frames(&self, r: Option<StackRef>) -> (Vec<Frame>, Option<String>) {
+        let Some(r) = r else {
+            return (Vec::new(), Some("the socket predates the tracer".into()));
+        };
+        let get = |key: StackKey| -> Result<Vec<Frame>, String> {
+            if key.id < 0 {
+                return Err(stack_id_error(key.id));
+            }
+            self.stacks
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| Err("stack was not recorded".into()))
+        };
+        let mut frames = Vec::new();
+        let mut error = None;
+        match get(StackKey {
+            pid: r.pid,
+            id: r.ustack,
+        }) {
+            Ok(f) => frames.extend(f),
+            Err(e) => error = Some(e),
+        }
+        if let Ok(f) = get(StackKey { pid: 0, id: r.kstack }) {
+            frames.extend(f);
+        }
+        (frames, error)
+    }
+
+    pub fn status(&self) -> Status {
+        let stats = self.corr.stats();
+        Status {
+            time: self.wall.format(self.now_ns),
+            uptime_ms: self.now_ns.saturating_sub(self.start_ns.unwrap_or(self.now_ns)) / 1_000_000,
+            events: stats.events,
+            sockets_tracked: stats.sockets_tracked,
+            leaks_now: self.corr.current_leaks(self.now_ns).len(),
+            ringbuf_drops: self.kernel_stats.ringbuf_drops,
+        }
+    }
+
+    /// Final sweep and the summary.
+    pub fn summary(&mut self, reason: &'static str, decode_errors: u64, sink: &mut dyn Sink) -> io::Result<Summary> {
+        let now = self.now_ns;
+        self.corr.sweep(now, &mut self.verdicts);
+        self.emit(sink)?;
+        let leaks: Vec<LeakOut> = self.corr.current_leaks(now).iter().map(|l| self.leak_out(l)).collect();
+        Ok(Summary {
+            duration_ms: now.saturating_sub(self.start_ns.unwrap_or(now)) / 1_000_000,
+            recording: None,
+            reason,
+            groups: report::group(&leaks),
+            leaks,
+            stats: SummaryStats {
+                kernel: self.kernel_stats,
+                agent: self.corr.stats(),
+                decode_errors,
+            },
+        })
+    }
+
+    fn event_out(&self, ev: &Event) -> EventOut {
+        let h = ev.header();
+        let mut out = EventOut {
+            time: self.wall.format(h.ktime_ns),
+            kind: "state",
+            cookie: h.cookie,
+            task_pid: h.tgid,
+            task_tid: h.tid,
+            task_comm: Comm(h.comm).as_str().into_owned(),
+            old_state: None,
+            new_state: None,
+            local: None,
+            remote: None,
+            fd: None,
+        };
+        match ev {
+            Event::State(s) => {
+                let ep = Endpoints::from_event(s);
+                out.old_state = Some(tcp::name(s.oldstate));
+                out.new_state = Some(tcp::name(s.newstate));
+                out.local = Some(ep.local.to_string());
+                out.remote = Some(ep.remote.to_string());
+            }
+            Event::Accept(f) => {
+                out.kind = "accept";
+                out.fd = Some(f.fd);
+            }
+            Event::Close(f) => {
+                out.kind = "close";
+                out.fd = Some(f.fd);
+            }
+        }
+        out
+    }
+}
+
+fn bounded<K, V>(m: &mut HashMap<K, V>) {
+    if m.len() >= CACHE_CAP {
+        m.clear();
+    }
+}

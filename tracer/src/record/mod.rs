@@ -1,0 +1,8 @@
+//! Recordings: `tracer record` writes the analysis inputs to a file,
+//! `tracer report` and `tracer export` read them back. See
+//! docs/recording-format.md.
+
+pub mod codec;
+pub mod format;
+pub mod reader;
+pub mod writer;
