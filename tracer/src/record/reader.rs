@@ -107,9 +107,9 @@ impl Recording {
                     out.push(rec);
                     pos = next;
                 }
-                Parsed::Truncated => {
-                    // Might be a cut-short tail, or corruption in a length
-                    // field: look for a valid record further on first.
+                bad => {
+                    // Either way, look for a valid record further on first:
+                    // a "cut short" record may be a corrupted length field.
                     match resync(data, pos + 1) {
                         Some(next) => {
                             on_damage(Damage::Corrupt {
@@ -119,27 +119,17 @@ impl Recording {
                             pos = next;
                         }
                         None => {
-                            on_damage(Damage::Truncated { offset: pos as u64 });
+                            on_damage(match bad {
+                                Parsed::Truncated => Damage::Truncated { offset: pos as u64 },
+                                _ => Damage::Corrupt {
+                                    offset: pos as u64,
+                                    skipped: (data.len() - pos) as u64,
+                                },
+                            });
                             break;
                         }
                     }
                 }
-                Parsed::Bad => match resync(data, pos + 1) {
-                    Some(next) => {
-                        on_damage(Damage::Corrupt {
-                            offset: pos as u64,
-                            skipped: (next - pos) as u64,
-                        });
-                        pos = next;
-                    }
-                    None => {
-                        on_damage(Damage::Corrupt {
-                            offset: pos as u64,
-                            skipped: (data.len() - pos) as u64,
-                        });
-                        break;
-                    }
-                },
             }
         }
         out
