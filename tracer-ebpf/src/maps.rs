@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use tracer_common::stats;
 
@@ -22,8 +22,10 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT,
 /// With `--pid`: cookies of sockets owned by the watched process. State
 /// changes of these are reported whatever context they run in (softirq, the
 /// peer's process). The agent seeds it with sockets that predate it.
+/// A plain hash, not an LRU: when full, inserts fail and are counted
+/// (WATCH_FULL) instead of silently evicting a watched socket.
 #[map]
-pub static WATCH: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+pub static WATCH: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

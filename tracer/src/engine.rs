@@ -14,7 +14,7 @@ use crate::{
     kernel::KernelStats,
     procs::ProcInfo,
     report::{self, Enrich, LeakOut},
-    sink::{EventOut, Sink, Status, Summary, SummaryStats},
+    sink::{EventOut, Loss, Sink, Status, Summary, SummaryStats},
     stacks::{stack_id_error, Frame},
 };
 
@@ -94,7 +94,19 @@ impl Engine {
             }
             Input::Stats(s) => {
                 self.advance(s.ns);
+                let before = self.kernel_stats;
                 self.kernel_stats = s.kernel;
+                let k = s.kernel;
+                if k.ringbuf_drops > before.ringbuf_drops
+                    || k.stack_errors > before.stack_errors
+                    || k.watch_full > before.watch_full
+                {
+                    sink.loss(&Loss {
+                        time: self.wall.format(s.ns),
+                        kernel: k,
+                        new_ringbuf_drops: k.ringbuf_drops - before.ringbuf_drops,
+                    })?;
+                }
             }
             Input::ProcessExit(e) => {
                 self.advance(e.ns);

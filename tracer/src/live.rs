@@ -96,6 +96,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         inputs: Vec::new(),
         decode_errors: 0,
         full: false,
+        last_stats: None,
     };
 
     let snap = snapshot_inputs(&mut kernel, args.pid)?;
@@ -173,7 +174,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
                 if let Ok(mut g) = guard { g.clear_ready(); }
                 s.drain(&mut kernel)
             }
-            _ = tick.tick() => s.drain(&mut kernel).and_then(|()| s.tick(clock::monotonic_ns())),
+            _ = tick.tick() => s.drain(&mut kernel).and_then(|()| s.tick(&kernel, clock::monotonic_ns())),
             _ = status_tick.tick() => s.status(&kernel, &output),
             _ = &mut until_deadline => break "duration",
             _ = sigint.recv() => break "signal",
@@ -292,6 +293,7 @@ struct Session {
     decode_errors: u64,
     /// The recording reached its size limit.
     full: bool,
+    last_stats: Option<crate::kernel::KernelStats>,
 }
 
 impl Session {
@@ -355,9 +357,10 @@ impl Session {
 
     /// Time passes. Evidence for the leaks about to be reported is read
     /// first, so it is recorded ahead of the tick that reports them.
-    fn tick(&mut self, now: u64) -> io::Result<()> {
+    fn tick(&mut self, kernel: &Kernel, now: u64) -> io::Result<()> {
         let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
         self.push_evidence(due, now);
+        self.push_stats(kernel);
         self.inputs.push(Input::Tick(now));
         self.flush_inputs()?;
         if let Some(r) = self.recorder.as_mut() {
@@ -376,12 +379,17 @@ impl Session {
         }
     }
 
+    /// Kernel counters, as an input only when they changed (drops must be
+    /// seen promptly, and marked in a recording where they happened).
     fn push_stats(&mut self, kernel: &Kernel) {
         if let Ok(k) = kernel.stats() {
-            self.inputs.push(Input::Stats(StatsInput {
-                ns: clock::monotonic_ns(),
-                kernel: k,
-            }));
+            if Some(k) != self.last_stats {
+                self.last_stats = Some(k);
+                self.inputs.push(Input::Stats(StatsInput {
+                    ns: clock::monotonic_ns(),
+                    kernel: k,
+                }));
+            }
         }
     }
 

@@ -8,10 +8,11 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("recorded types always serialize")
 }
 
-/// Appends `input` as one framed record.
+/// Appends `input` as one framed record. Kernel events (the bulk) are
+/// framed straight from their bytes, without an intermediate copy.
 pub fn encode(input: &Input, out: &mut Vec<u8>) {
     let (kind, payload) = match input {
-        Input::Kernel(ev) => (Kind::KernelEvent, kernel_bytes(ev)),
+        Input::Kernel(ev) => return encode_record(out, Kind::KernelEvent, kernel_bytes(ev)),
         Input::Process(p) => (Kind::Process, json(p)),
         Input::Stack(s) => (Kind::Stack, json(s)),
         Input::Snapshot(s) => (Kind::Snapshot, json(s)),
@@ -24,10 +25,10 @@ pub fn encode(input: &Input, out: &mut Vec<u8>) {
     encode_record(out, kind, &payload);
 }
 
-fn kernel_bytes(ev: &decode::Event) -> Vec<u8> {
+fn kernel_bytes(ev: &decode::Event) -> &[u8] {
     match ev {
-        decode::Event::State(s) => decode::bytes_of(s).to_vec(),
-        decode::Event::Accept(f) | decode::Event::Close(f) => decode::bytes_of(f).to_vec(),
+        decode::Event::State(s) => decode::bytes_of(s),
+        decode::Event::Accept(f) | decode::Event::Close(f) => decode::bytes_of(f),
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{EventOut, LeakOut, Sink, Start, Status, Summary};
+use super::{EventOut, LeakOut, Loss, Sink, Start, Status, Summary};
 
 pub struct JsonSink<W: Write> {
     out: W,
@@ -35,6 +35,10 @@ impl<W: Write> Sink for JsonSink<W> {
     fn start(&mut self, s: &Start) -> io::Result<()> {
         self.line("start", s)?;
         self.flush()
+    }
+
+    fn loss(&mut self, l: &Loss) -> io::Result<()> {
+        self.line("loss", l)
     }
 
     fn event(&mut self, e: &EventOut) -> io::Result<()> {

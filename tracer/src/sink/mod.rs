@@ -84,6 +84,9 @@ impl Sink for NullSink {
     fn start(&mut self, _: &Start) -> io::Result<()> {
         Ok(())
     }
+    fn loss(&mut self, _: &Loss) -> io::Result<()> {
+        Ok(())
+    }
     fn event(&mut self, _: &EventOut) -> io::Result<()> {
         Ok(())
     }
@@ -117,8 +120,19 @@ pub struct RecordingInfo {
     pub ended_early: bool,
 }
 
+/// Kernel-side losses grew: shown as they happen, never silently.
+#[derive(Debug, Serialize)]
+pub struct Loss {
+    pub time: String,
+    /// Totals so far.
+    pub kernel: KernelStats,
+    /// Events lost to a full ring buffer since the previous report.
+    pub new_ringbuf_drops: u64,
+}
+
 pub trait Sink {
     fn start(&mut self, s: &Start) -> io::Result<()>;
+    fn loss(&mut self, l: &Loss) -> io::Result<()>;
     fn event(&mut self, e: &EventOut) -> io::Result<()>;
     fn leak(&mut self, l: &LeakOut) -> io::Result<()>;
     fn late_close(&mut self, l: &LeakOut, closed_after_ms: u64, aborted: bool) -> io::Result<()>;

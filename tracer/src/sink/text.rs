@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use super::{EventOut, LeakOut, Sink, Start, Status, Summary};
+use super::{EventOut, LeakOut, Loss, Sink, Start, Status, Summary};
 use crate::stacks::Frame;
 
 pub struct TextSink<W: Write, E: Write> {
@@ -126,6 +126,15 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             )?;
         }
         self.err.flush()
+    }
+
+    fn loss(&mut self, l: &Loss) -> io::Result<()> {
+        let k = &l.kernel;
+        writeln!(
+            self.err,
+            "tracer: WARNING [{}]: {} events lost to a full ring buffer ({} in all); stacks lost {}, watch-list full {}: findings may be incomplete",
+            l.time, l.new_ringbuf_drops, k.ringbuf_drops, k.stack_errors, k.watch_full
+        )
     }
 
     fn event(&mut self, e: &EventOut) -> io::Result<()> {

@@ -1,0 +1,80 @@
+//! Loss accounting: with a deliberately tiny ring buffer, every event the
+//! kernel generated is either delivered to the agent or counted as dropped,
+//! exactly, and the drops are shown as they happen and in the summary.
+
+use std::time::Duration;
+
+use tracer_tests::{require_privileges, run_tracer, spawn_server, start_client, wait_client_done, Value};
+
+fn num(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p).unwrap_or_else(|| panic!("missing {path:?} in {v}"));
+    }
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v}"))
+}
+
+#[test]
+fn delivered_plus_dropped_equals_generated() {
+    if !require_privileges() {
+        return;
+    }
+    let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", "8"]);
+    let addr = format!("127.0.0.1:{port}");
+    // A burst from one process: with --pid, only its events are generated,
+    // so once it is idle the counters are final.
+    let mut client = start_client(&[
+        "--connect",
+        &addr,
+        "--count",
+        "400",
+        "--mode",
+        "close",
+        "--wait-stdin-line",
+    ]);
+    let pid = client.pid().to_string();
+    // One page of ring buffer holds ~30 events; the burst is ~2000.
+    let mut tracer = run_tracer(&[
+        "--pid",
+        &pid,
+        "--ring-bytes",
+        "4096",
+        "--duration",
+        "4s",
+        "--leak-after",
+        "10s",
+    ]);
+    tracer.wait_started(Duration::from_secs(20));
+    client.send_line("go");
+    wait_client_done(&mut client, 400);
+    let out = tracer.finish(Duration::from_secs(10));
+    out.assert_success();
+
+    let summary = out.summary();
+    let generated = num(summary, &["stats", "kernel", "generated"]);
+    let dropped = num(summary, &["stats", "kernel", "ringbuf_drops"]);
+    let delivered = num(summary, &["stats", "agent", "events"]) + num(summary, &["stats", "decode_errors"]);
+    assert!(dropped > 0, "a 4 KiB ring buffer should have overflowed: {summary}");
+    assert!(delivered > 0, "nothing delivered: {summary}");
+    assert_eq!(
+        delivered + dropped,
+        generated,
+        "delivered {delivered} + dropped {dropped} != generated {generated}"
+    );
+
+    // The drops were announced while tracing, and add up.
+    let losses = out.of_type("loss");
+    assert!(
+        !losses.is_empty(),
+        "drops happened but no loss line was printed\n{}",
+        out.dump()
+    );
+    let announced: u64 = losses.iter().map(|l| num(l, &["new_ringbuf_drops"])).sum();
+    assert_eq!(
+        announced,
+        dropped,
+        "loss lines announce {announced}, summary says {dropped}\n{}",
+        out.dump()
+    );
+}
