@@ -193,7 +193,10 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
             break output_error(e)?;
         }
         if s.full {
-            eprintln!("tracer: the recording reached --max-size; stopping");
+            eprintln!(
+                "tracer: the recording reached --max-size ({}); stopping",
+                size(s.recorder.as_ref().map_or(0, |r| r.written))
+            );
             break "max_size";
         }
     };
@@ -300,7 +303,9 @@ impl Session {
     fn flush_inputs(&mut self) -> io::Result<()> {
         for input in self.inputs.drain(..) {
             if let Some(r) = self.recorder.as_mut() {
-                if !self.full {
+                // Once full, only the final counters and the End record go
+                // in (room is kept), so the file still ends cleanly.
+                if !self.full || matches!(input, Input::End(_) | Input::Stats(_)) {
                     if let Written::Full = r.write(&input)? {
                         self.full = true;
                     }

@@ -120,7 +120,8 @@ fn convert(r: &InetResponse) -> DiagSocket {
 /// Existing sockets with their holders; with `only_pid`, just that
 /// process's sockets.
 pub fn take(only_pid: Option<u32>) -> Result<Vec<SnapshotSocket>> {
-    let sockets = dump_tcp(StateFlags::all())?;
+    // TIME_WAIT entries are kernel-owned remnants, never a process's socket.
+    let sockets = dump_tcp(StateFlags::all() - StateFlags::TIME_WAIT)?;
     let holders = procs::socket_holders(only_pid);
     let mut comms = std::collections::HashMap::new();
     let mut out = Vec::new();

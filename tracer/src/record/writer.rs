@@ -76,8 +76,8 @@ impl Recorder {
         self.buf.clear();
         codec::encode(input, &mut self.buf);
         if let Some(max) = self.max_size {
-            // Keep room for the End record.
-            if self.written + self.buf.len() as u64 + 256 > max && !matches!(input, Input::End(_)) {
+            // Keep room for the final Stats and End records.
+            if self.written + self.buf.len() as u64 + 1024 > max && !matches!(input, Input::End(_) | Input::Stats(_)) {
                 return Ok(Written::Full);
             }
         }
