@@ -32,7 +32,8 @@ pub struct KernelOffsets {
     pub file_private_data: u32,
     pub socket_file: u32,
     pub socket_sk: u32,
-    pub _pad: u32,
+    /// `sock_common.skc_state` (one byte).
+    pub skc_state: u32,
     /// Address of `socket_file_ops` from kallsyms, 0 if hidden: then a file
     /// is taken to be a socket when `socket->file` points back at it.
     pub socket_file_ops: u64,

@@ -6,9 +6,9 @@
 //! the state hook shows whether it did.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
-use tracer_common::{stats, EventKind, FdEvent};
+use tracer_common::{stats, tcp, EventKind, FdEvent};
 
-use crate::{config, emit, fdsock, maps};
+use crate::{config, config::off, emit, fdsock, maps};
 
 const FD_OFFSET: usize = 16;
 const MAX_FD_OFFSET: usize = 24;
@@ -80,7 +80,12 @@ fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32) {
         return;
     };
     let mut header = emit::header(EventKind::Close as u32, fdsock::cookie_of(sk), sk);
-    emit::take_stacks(ctx, &mut header);
+    // Stacks cost a frame-pointer walk and a hash each; a close only needs
+    // one as evidence when it closes a socket whose peer already left
+    // (CLOSE_WAIT): the late close, or the fd released while others hold it.
+    if unsafe { fdsock::read::<u8>(sk, off!(skc_state)) }.is_ok_and(|s| s == tcp::CLOSE_WAIT) {
+        emit::take_stacks(ctx, &mut header);
+    }
     emit::send(&FdEvent {
         header,
         fd: fd as i32,

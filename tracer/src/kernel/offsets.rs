@@ -44,7 +44,7 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         file_private_data: f("file", "private_data")?,
         socket_file: f("socket", "file")?,
         socket_sk: f("socket", "sk")?,
-        _pad: 0,
+        skc_state: f("sock_common", "skc_state")?,
         socket_file_ops: kallsyms_address("socket_file_ops").unwrap_or(0),
     })
 }
