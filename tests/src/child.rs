@@ -119,6 +119,35 @@ impl Child {
         self.status
     }
 
+    /// Waits until a line of stderr matches `pred` and returns it. Panics
+    /// with everything seen so far on timeout or if the process exits first.
+    pub fn wait_stderr_line(&mut self, mut pred: impl FnMut(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut exited_at = None;
+        loop {
+            if let Some(line) = self.stderr_text().lines().find(|l| pred(l)) {
+                return line.to_string();
+            }
+            let now = Instant::now();
+            // After an exit, give the stderr reader a moment to catch up.
+            if exited_at.is_none() && !self.is_running() {
+                exited_at = Some(now);
+            }
+            let why = if exited_at.is_some_and(|t| now.duration_since(t) > Duration::from_millis(300)) {
+                Some("the process exited".to_string())
+            } else if now >= deadline {
+                Some(format!("timed out after {timeout:?}"))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                let desc = self.describe();
+                panic!("{}: {why} waiting for a matching stderr line\n{desc}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Receives the next stdout line, up to `deadline`. `Err(true)` on
     /// timeout, `Err(false)` when stdout is closed.
     fn next_line(&mut self, deadline: Instant) -> Result<String, bool> {

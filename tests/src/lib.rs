@@ -17,6 +17,8 @@
 //! * [`addr`]: [`normalize_addr`], the form addresses are compared in.
 //! * [`compare`]: [`assert_same_cookies`], set comparison that shows both
 //!   differences.
+//! * [`recording`]: `tracer record` ([`Recorder`]), `report` / `export`
+//!   ([`run_tracer_cmd`]), temporary files, and damaging recordings.
 
 pub mod addr;
 pub mod child;
@@ -26,6 +28,7 @@ pub mod fixture;
 pub mod paths;
 pub mod privileges;
 pub mod procfs;
+pub mod recording;
 pub mod ss;
 pub mod tracer;
 
@@ -39,5 +42,6 @@ pub use fixture::{holder_pid, spawn_client, spawn_server, start_client, wait_cli
 pub use paths::{fixture_bin, tracer_bin};
 pub use privileges::require_privileges;
 pub use procfs::socket_fds;
+pub use recording::{run_tracer_cmd, start_recorder, Ran, RecordOutput, Recorder, RecordingInfo, TempFile};
 pub use ss::{format_ss, parse_ss_line, parse_ss_output, ss_sockets, wait_for_ss, SsMonitor, SsSocket, SsUser};
 pub use tracer::{run_tracer, Leak, Tracer, TracerOutput};

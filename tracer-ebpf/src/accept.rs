@@ -5,7 +5,7 @@
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 use tracer_common::{stats, EventKind, FdEvent};
 
-use crate::{config, emit, fdsock, maps};
+use crate::{config, emit, fdsock, maps, maps::Counters};
 
 /// Offset of `long ret` in the `sys_exit_*` tracepoint record.
 const RET_OFFSET: usize = 16;
@@ -44,13 +44,16 @@ fn handle(ctx: &TracePointContext) {
     };
     let cookie = fdsock::cookie_of(sk);
     if filter != 0 && cookie != 0 && maps::WATCH.insert(&cookie, &tgid, 0).is_err() {
-        maps::count(stats::WATCH_FULL);
+        maps::count(Counters::Syscall, stats::WATCH_FULL);
     }
     let mut header = emit::header(EventKind::Accept as u32, cookie, sk);
-    emit::take_stacks(ctx, &mut header);
-    emit::send(&FdEvent {
-        header,
-        fd: fd as i32,
-        _pad: 0,
-    });
+    emit::take_stacks(ctx, &mut header, Counters::Syscall);
+    emit::send(
+        &FdEvent {
+            header,
+            fd: fd as i32,
+            _pad: 0,
+        },
+        Counters::Syscall,
+    );
 }

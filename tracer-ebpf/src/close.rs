@@ -8,7 +8,7 @@
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 use tracer_common::{stats, tcp, EventKind, FdEvent};
 
-use crate::{config, config::off, emit, fdsock, maps};
+use crate::{config, config::off, emit, fdsock, maps, maps::Counters};
 
 const FD_OFFSET: usize = 16;
 const MAX_FD_OFFSET: usize = 24;
@@ -63,7 +63,7 @@ pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
         report(&ctx, fds, max, fd);
     }
     if last >= first.saturating_add(CLOSE_RANGE_SCAN) {
-        maps::count(stats::CLOSE_RANGE_TRUNCATED);
+        maps::count(Counters::Syscall, stats::CLOSE_RANGE_TRUNCATED);
     }
     0
 }
@@ -84,11 +84,14 @@ fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32) {
     // one as evidence when it closes a socket whose peer already left
     // (CLOSE_WAIT): the late close, or the fd released while others hold it.
     if unsafe { fdsock::read::<u8>(sk, off!(skc_state)) }.is_ok_and(|s| s == tcp::CLOSE_WAIT) {
-        emit::take_stacks(ctx, &mut header);
+        emit::take_stacks(ctx, &mut header, Counters::Syscall);
     }
-    emit::send(&FdEvent {
-        header,
-        fd: fd as i32,
-        _pad: 0,
-    });
+    emit::send(
+        &FdEvent {
+            header,
+            fd: fd as i32,
+            _pad: 0,
+        },
+        Counters::Syscall,
+    );
 }

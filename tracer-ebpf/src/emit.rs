@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tracer_common::{stats, Header, COMM_LEN, NO_STACK};
 
-use crate::{config, maps};
+use crate::{config, maps, maps::Counters};
 
 #[inline(always)]
 pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
@@ -29,17 +29,17 @@ pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
 /// Records the current task's user and kernel stacks in the header. Only
 /// called where the task is the socket's user (its own syscall).
 #[inline(always)]
-pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header) {
-    h.ustack = stack_id(ctx, BPF_F_USER_STACK as u64);
-    h.kstack = stack_id(ctx, 0);
+pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
+    h.ustack = stack_id(ctx, BPF_F_USER_STACK as u64, set);
+    h.kstack = stack_id(ctx, 0, set);
 }
 
 #[inline(always)]
-fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
+fn stack_id<C: StackIdContext>(ctx: &C, flags: u64, set: Counters) -> i32 {
     match ctx.get_stackid(&maps::STACKS, flags) {
         Ok(id) => id as i32,
         Err(e) => {
-            maps::count(stats::STACK_ERRORS);
+            maps::count(set, stats::STACK_ERRORS);
             e as i32
         }
     }
@@ -49,8 +49,8 @@ fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
 /// waiting; otherwise it drains on its own timer. A full ring buffer is a
 /// counted drop, never a silent one.
 #[inline(always)]
-pub fn send<T>(event: &T) {
-    maps::count(stats::GENERATED);
+pub fn send<T>(event: &T, set: Counters) {
+    maps::count(set, stats::GENERATED);
     let waiting = maps::EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let flags = if waiting >= config::wakeup_bytes() {
         BPF_RB_FORCE_WAKEUP
@@ -58,6 +58,6 @@ pub fn send<T>(event: &T) {
         BPF_RB_NO_WAKEUP
     };
     if maps::EVENTS.output::<T>(event, flags as u64).is_err() {
-        maps::count(stats::RINGBUF_DROPS);
+        maps::count(set, stats::RINGBUF_DROPS);
     }
 }

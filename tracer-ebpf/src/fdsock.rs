@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 use tracer_common::{event::AF_INET, event::AF_INET6, stats, tcp::IPPROTO_TCP};
 
-use crate::{config::off, maps};
+use crate::{config::off, maps, maps::Counters};
 
 /// A read fault while walking kernel memory.
 pub struct Fault;
@@ -19,7 +19,7 @@ pub unsafe fn read<T>(base: u64, offset: u32) -> Result<T, Fault> {
 #[inline(always)]
 fn counted<T>(r: Result<Option<T>, Fault>) -> Option<T> {
     r.unwrap_or_else(|Fault| {
-        maps::count(stats::FD_UNRESOLVED);
+        maps::count(Counters::Syscall, stats::FD_UNRESOLVED);
         None
     })
 }

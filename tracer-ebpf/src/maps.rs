@@ -16,8 +16,18 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
 /// Loss and volume counters, indexed by `tracer_common::stats`.
+/// Two sets: one for the state hook, one for the syscall hooks. A softirq
+/// state change can interrupt a syscall hook on the same CPU, so sharing
+/// a slot could lose increments; a program never nests with itself.
 #[map]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * stats::COUNT, 0);
+
+/// Which set of `STATS` slots a program counts in.
+#[derive(Clone, Copy)]
+pub enum Counters {
+    State = 0,
+    Syscall = stats::COUNT as isize,
+}
 
 /// With `--pid`: cookies of sockets owned by the watched process. State
 /// changes of these are reported whatever context they run in (softirq, the
@@ -28,10 +38,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT,
 pub static WATCH: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
-pub fn count(index: u32) {
-    if let Some(p) = STATS.get_ptr_mut(index) {
-        // Per-CPU slot and programs do not nest on one CPU for these hooks,
-        // so a plain add is enough.
+pub fn count(set: Counters, index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(set as u32 + index) {
+        // Per-CPU and per program kind: no other writer can interleave.
         unsafe { *p += 1 };
     }
 }

@@ -16,6 +16,7 @@ use crate::{
     emit,
     fdsock::{read, Fault},
     maps,
+    maps::Counters,
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -56,7 +57,7 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
     };
     if oldstate == tcp::CLOSE && newstate == tcp::SYN_SENT {
         // Inside the owner's connect(): its stack says who opened this.
-        emit::take_stacks(ctx, &mut ev.header);
+        emit::take_stacks(ctx, &mut ev.header, Counters::State);
     }
     if newstate == tcp::CLOSE_WAIT {
         // The FIN is already counted in rcv_nxt here (tcp_fin runs after
@@ -74,7 +75,7 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
         ev.saddr = unsafe { read(base, off!(skc_v6_rcv_saddr))? };
         ev.daddr = unsafe { read(base, off!(skc_v6_daddr))? };
     }
-    emit::send(&ev);
+    emit::send(&ev, Counters::State);
 
     if filter != 0 && newstate == tcp::CLOSE {
         // The socket is gone; free its slot for the next one.
@@ -94,7 +95,7 @@ fn watched(cookie: u64, filter: u32, newstate: u8) -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if newstate == tcp::SYN_SENT && tgid == filter {
         if maps::WATCH.insert(&cookie, &tgid, 0).is_err() {
-            maps::count(stats::WATCH_FULL);
+            maps::count(Counters::State, stats::WATCH_FULL);
         }
         return true;
     }

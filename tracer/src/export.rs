@@ -170,6 +170,9 @@ fn chrome_trace(replay: &Replay, out: &mut dyn Write) -> Result<()> {
                     start_ns: h.ktime_ns,
                     states: Vec::new(),
                 });
+                // The snapshot comes first in a recording, but events older
+                // than it can follow (they were still in the ring buffer).
+                life.start_ns = life.start_ns.min(h.ktime_ns);
                 match ev {
                     Event::State(s) => {
                         let ep = Endpoints::from_event(s);
@@ -194,6 +197,9 @@ fn chrome_trace(replay: &Replay, out: &mut dyn Write) -> Result<()> {
     let us = |ns: u64| ns as f64 / 1000.0;
     let mut events = Vec::new();
     let mut pids_seen = std::collections::BTreeSet::new();
+    for life in lives.values_mut() {
+        life.states.sort_by_key(|&(t, _)| t);
+    }
     for (cookie, life) in &lives {
         let pid = life.owner.unwrap_or(0);
         pids_seen.insert(pid);

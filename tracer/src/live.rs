@@ -38,6 +38,8 @@ use crate::{
 /// How often the ring buffer is drained and the sweep runs. Wakeups from
 /// the kernel are batched, so this bounds reporting latency.
 const TICK: Duration = Duration::from_millis(100);
+/// Least time between two evidence gatherings (sock_diag + /proc scan).
+const EVIDENCE_EVERY: Duration = Duration::from_secs(1);
 /// Wake the reader early once this much is waiting in the ring buffer.
 const WAKEUP_FRACTION: u64 = 4;
 
@@ -97,6 +99,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         decode_errors: 0,
         full: false,
         last_stats: None,
+        last_evidence_ns: 0,
     };
 
     let snap = snapshot_inputs(&mut kernel, args.pid)?;
@@ -202,7 +205,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     };
 
     if reason != "output_closed" {
-        s.finish(&kernel, reason).or_else(|e| output_error(e).map(|_| ()))?;
+        s.finish(&mut kernel, reason).or_else(|e| output_error(e).map(|_| ()))?;
     }
     if let (Output::Record { path, .. }, Some(r)) = (&output, &s.recorder) {
         eprintln!(
@@ -258,21 +261,23 @@ fn output_error(e: io::Error) -> Result<&'static str> {
 /// kernel's watch list, and read a second time so that a state change
 /// between the two reads is not lost.
 fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInput> {
+    // Stamped *before* reading: every event after this stamp is applied on
+    // top of the snapshot (replaying a change the dump already saw is
+    // harmless; ignoring one it missed would keep a closed socket alive).
+    let mut ns = clock::monotonic_ns();
     let mut snap = snapshot::take(pid).context("reading existing sockets (sock_diag)")?;
     if let Some(pid) = pid {
         for s in &snap {
             kernel.watch(s.cookie, pid)?;
         }
         let watched: HashSet<u64> = snap.iter().map(|s| s.cookie).collect();
+        ns = clock::monotonic_ns();
         snap = snapshot::take(Some(pid))?
             .into_iter()
             .filter(|s| watched.contains(&s.cookie))
             .collect();
     }
-    Ok(SnapshotInput {
-        ns: clock::monotonic_ns(),
-        sockets: snap,
-    })
+    Ok(SnapshotInput { ns, sockets: snap })
 }
 
 fn pidfd_open(pid: u32) -> Result<OwnedFd> {
@@ -297,6 +302,7 @@ struct Session {
     /// The recording reached its size limit.
     full: bool,
     last_stats: Option<crate::kernel::KernelStats>,
+    last_evidence_ns: u64,
 }
 
 impl Session {
@@ -364,8 +370,18 @@ impl Session {
     /// first, so it is recorded ahead of the tick that reports them.
     fn tick(&mut self, kernel: &Kernel, now: u64) -> io::Result<()> {
         let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
-        self.push_evidence(due, now);
         self.push_stats(kernel);
+        if !due.is_empty() {
+            // Evidence costs a sock_diag dump and a /proc scan: at most
+            // once per EVIDENCE_EVERY. Until then the clock is not advanced,
+            // so due leaks wait (and are reported together) instead of
+            // being reported without their evidence.
+            if now.saturating_sub(self.last_evidence_ns) < EVIDENCE_EVERY.as_nanos() as u64 {
+                return self.flush_inputs();
+            }
+            self.last_evidence_ns = now;
+            self.push_evidence(due, now);
+        }
         self.inputs.push(Input::Tick(now));
         self.flush_inputs()?;
         if let Some(r) = self.recorder.as_mut() {
@@ -407,7 +423,7 @@ impl Session {
             Output::Record { .. } => {
                 let written = self.recorder.as_ref().map_or(0, |r| r.written);
                 let line = format!(
-                    "recording: {} events, {} sockets, {} leaked now, {} ring-buffer drops, {}",
+                    "tracer: recording: {} events, {} sockets, {} leaked now, {} ring-buffer drops, {}",
                     st.events,
                     st.sockets_tracked,
                     st.leaks_now,
@@ -425,7 +441,10 @@ impl Session {
         self.sink.flush()
     }
 
-    fn finish(&mut self, kernel: &Kernel, reason: &'static str) -> io::Result<()> {
+    fn finish(&mut self, kernel: &mut Kernel, reason: &'static str) -> io::Result<()> {
+        // Stop the producers, then take everything they produced.
+        kernel.stop();
+        self.drain(kernel)?;
         let now = clock::monotonic_ns();
         let mut cookies: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();
         cookies.extend(self.engine.due_leaks(now));

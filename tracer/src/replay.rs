@@ -129,7 +129,7 @@ pub fn analyse(
         .unwrap_or(0);
     sink.start(&Start {
         hooks: Vec::new(),
-        filter_pid: pid,
+        filter_pid: pid.or(replay.header.options.pid),
         leak_after_ms: leak_after_ns / 1_000_000,
         preexisting_sockets: preexisting,
     })?;

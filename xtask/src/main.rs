@@ -2,6 +2,7 @@
 //! .cargo/config.toml). Plain Rust instead of shell scripts so that the same
 //! logic runs on developer machines and in CI.
 
+mod bench;
 mod lint;
 mod run;
 mod setup;
@@ -21,12 +22,15 @@ struct Cli {
 enum Cmd {
     /// Check, and install if missing, the pinned nightly, LLVM 22, bpf-linker and ss.
     Setup,
-    /// Setup, build the binaries, then run the whole test suite.
+    /// Setup, build the binaries, run the whole test suite, then `bench --quick`.
     Test(test::Args),
     /// Setup, build tracer (release) and run it with the given arguments.
     Run(run::Args),
     /// Setup, then cargo fmt --check and cargo clippy -D warnings.
     Lint,
+    /// Setup, build release, and measure the tracer's cost on a loopback
+    /// connection churn next to peer tools (needs root).
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -36,6 +40,7 @@ fn main() {
         Cmd::Test(args) => test::run(args).map(|()| 0),
         Cmd::Run(args) => run::run(args),
         Cmd::Lint => lint::run().map(|()| 0),
+        Cmd::Bench(args) => bench::run(args).map(|()| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -234,7 +234,7 @@ fn ensure_bpf_linker(path: &mut SearchPath) -> Result<()> {
     Ok(())
 }
 
-fn apt_get(args: &[&str]) -> Command {
+pub(crate) fn apt_get(args: &[&str]) -> Command {
     let mut cmd = Command::new("apt-get");
     // Never prompt (no TTY in CI), and wait for the dpkg lock instead of
     // failing when a fresh machine runs unattended-upgrades at boot.

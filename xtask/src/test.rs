@@ -1,15 +1,21 @@
 //! `cargo xtask test`: the one command that builds and tests everything,
-//! locally and in CI (.ci/run).
+//! locally and in CI (.ci/run), and then proves the bench still works
+//! (`cargo xtask bench --quick`; timing is printed, never asserted).
 
 use std::ffi::OsString;
 
 use anyhow::{ensure, Result};
 
+use crate::bench;
 use crate::setup;
 use crate::util::{self, run_step, run_step_with_stdout};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Do not run `cargo xtask bench --quick` after the tests.
+    #[arg(long)]
+    no_bench: bool,
+
     /// Extra arguments for `cargo test`, after `--` (for example
     /// `cargo xtask test -- some_test -- --nocapture`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO_TEST_ARGS")]
@@ -47,5 +53,24 @@ pub fn run(args: Args) -> Result<()> {
             .arg("test")
             .args(&args.cargo_test_args)
             .env("TRACER_BIN", &tracer),
-    )
+    )?;
+
+    // The bench's mechanics (load generator, tracer start and stop in every
+    // configuration, counters, table) are part of what CI proves.
+    if args.no_bench {
+        eprintln!("bench skipped (--no-bench)");
+    } else if !args.cargo_test_args.is_empty() {
+        eprintln!("bench skipped: cargo test arguments given (a partial run); run `cargo xtask bench --quick`");
+    } else if !util::is_root() {
+        eprintln!("warning: bench skipped: it needs root");
+    } else {
+        bench::run_prepared(
+            &env,
+            bench::Args {
+                quick: true,
+                ..bench::Args::default()
+            },
+        )?;
+    }
+    Ok(())
 }

@@ -209,7 +209,10 @@ impl Correlator {
                 ns: h.ktime_ns,
                 estimated: false,
             };
-            sock.close_wait = Some(since);
+            if let Some(old) = sock.close_wait.replace(since) {
+                // Already pending (e.g. from the snapshot): one entry only.
+                self.pending.remove(&(old.ns, h.cookie));
+            }
             // rx_queue counts the FIN's sequence number too.
             sock.unread_at_fin = Some(ev.rx_queue.saturating_sub(1));
             self.pending.insert((since.ns, h.cookie));

@@ -326,3 +326,63 @@ fn leak_carries_open_stack_and_unread_bytes_at_fin() {
     );
     assert_eq!(l[0].unread_at_fin, Some(26));
 }
+
+#[test]
+fn close_after_the_snapshot_stamp_ends_a_snapshot_leak() {
+    // The snapshot saw CLOSE_WAIT; the close happened after its stamp.
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = vec![];
+    let ep = Endpoints {
+        local: "127.0.0.1:4000".parse().unwrap(),
+        remote: "127.0.0.1:80".parse().unwrap(),
+    };
+    let snap_ns = 50_000 * MS;
+    c.on_snapshot(
+        &SnapshotSocket {
+            cookie: 9,
+            state: tcp::CLOSE_WAIT,
+            endpoints: ep,
+            holder: None,
+            last_ack_age_ns: Some(10_000 * MS),
+        },
+        snap_ns,
+    );
+    // The FIN event itself (dump raced with it) and then the close.
+    c.on_event(
+        &state(50_001, SERVER, 9, 0xc9, tcp::ESTABLISHED, tcp::CLOSE_WAIT),
+        &mut out,
+    );
+    c.on_event(&state(50_002, CLIENT, 9, 0xc9, tcp::CLOSE_WAIT, tcp::CLOSE), &mut out);
+    c.sweep(100_000 * MS, &mut out);
+    assert!(out.is_empty(), "closed socket reported: {out:?}");
+    assert!(c.current_leaks(100_000 * MS).is_empty());
+}
+
+#[test]
+fn re_entering_close_wait_keeps_one_pending_entry() {
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = vec![];
+    let ep = Endpoints {
+        local: "127.0.0.1:4000".parse().unwrap(),
+        remote: "127.0.0.1:80".parse().unwrap(),
+    };
+    c.on_snapshot(
+        &SnapshotSocket {
+            cookie: 9,
+            state: tcp::CLOSE_WAIT,
+            endpoints: ep,
+            holder: None,
+            last_ack_age_ns: Some(0),
+        },
+        50_000 * MS,
+    );
+    c.on_event(
+        &state(50_500, SERVER, 9, 0xc9, tcp::ESTABLISHED, tcp::CLOSE_WAIT),
+        &mut out,
+    );
+    // Due by the snapshot's estimate, but not by the exact event time.
+    c.sweep(50_000 * MS + LEAK_AFTER, &mut out);
+    assert!(out.is_empty(), "reported by a stale pending entry: {out:?}");
+    c.sweep(50_500 * MS + LEAK_AFTER, &mut out);
+    assert_eq!(leaks(&out).len(), 1);
+}

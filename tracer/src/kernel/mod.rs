@@ -121,6 +121,28 @@ impl Kernel {
         })
     }
 
+    /// Detaches every program. Afterwards no event is generated, so what is
+    /// left in the ring buffer is the rest: drained, the counters balance
+    /// exactly (delivered + dropped = generated).
+    pub fn stop(&mut self) {
+        for hook in HOOKS {
+            let Some(prog) = self._ebpf.program_mut(hook.program) else {
+                continue;
+            };
+            let r = match hook.attach {
+                Attach::BtfTracepoint(_) => <&mut BtfTracePoint>::try_from(prog)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|p| Ok(p.unload()?)),
+                Attach::Tracepoint(..) => <&mut TracePoint>::try_from(prog)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|p| Ok(p.unload()?)),
+            };
+            if let Err(e) = r {
+                log::debug!("detaching {}: {e:#}", hook.program);
+            }
+        }
+    }
+
     /// Adds a socket to the `--pid` watch list (sockets that predate us).
     pub fn watch(&mut self, cookie: u64, tgid: u32) -> Result<()> {
         self.watch.insert(cookie, tgid, 0).context("adding to the watch map")
@@ -139,7 +161,14 @@ impl Kernel {
     }
 
     pub fn stats(&self) -> Result<KernelStats> {
-        let sum = |i: u32| -> Result<u64> { Ok(self.stats.get(&i, 0)?.iter().sum()) };
+        // Two sets of slots (state hook, syscall hooks): add both.
+        let sum = |i: u32| -> Result<u64> {
+            let mut total = 0;
+            for slot in [i, i + stats::COUNT] {
+                total += self.stats.get(&slot, 0)?.iter().sum::<u64>();
+            }
+            Ok(total)
+        };
         Ok(KernelStats {
             generated: sum(stats::GENERATED)?,
             ringbuf_drops: sum(stats::RINGBUF_DROPS)?,

@@ -1,0 +1,634 @@
+//! `tracer-bench`: the runner behind `cargo xtask bench`.
+//!
+//! Runs the load generator (`loadgen`) under each configuration: no tracer,
+//! the tracer in several modes, and peer tools where installed, interleaved
+//! (A B C … A B C …) so that drift of the machine touches every
+//! configuration alike. Per run: the server starts, the client opens its
+//! idle connections (if any) and says READY, the observer starts and says it
+//! is ready, the client is told to go, prints its rate, and holds its
+//! connections until the observer has been sampled and stopped (SIGINT).
+//! Then the client, the server and the helpers go.
+//!
+//! Prints a markdown table of medians and ratios to the baseline, writes it
+//! to `--out` and every run's raw numbers as JSON next to it. Timing is
+//! never asserted; the exit code is non-zero only when a run of the
+//! baseline or of the tracer failed (peer tools are reported, not judged).
+
+mod observer;
+mod procs;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde::Serialize;
+use serde_json::Value;
+
+use observer::{Observer, TracerKind};
+use procs::{OnParentDeath, Out, Proc};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tracer-bench",
+    about = "Measure what tracer costs a loopback TCP connection churn, next to peer tools"
+)]
+struct Cli {
+    /// The tracer binary (release build).
+    #[arg(long, value_name = "PATH")]
+    tracer: PathBuf,
+
+    /// The load generator (default: `loadgen` next to this program).
+    #[arg(long, value_name = "PATH")]
+    loadgen: Option<PathBuf>,
+
+    /// 2 runs of 2 s each, and no many-sockets workload.
+    #[arg(long)]
+    quick: bool,
+
+    /// Runs per configuration (default 5; 2 with --quick).
+    #[arg(long, value_name = "N")]
+    runs: Option<usize>,
+
+    /// Seconds of load per run (default 5; 2 with --quick).
+    #[arg(long, value_name = "S")]
+    seconds: Option<f64>,
+
+    /// Where the markdown table goes; the raw results go next to it (.json).
+    #[arg(long, value_name = "FILE", default_value = "target/bench/bench.md")]
+    out: PathBuf,
+
+    /// Client threads, and server threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+
+    /// Destination addresses (127.0.0.1 …) the connections are spread over.
+    #[arg(long, default_value_t = 64)]
+    addrs: usize,
+
+    /// Idle connections opened before the many-sockets churn.
+    #[arg(long, default_value_t = 100_000)]
+    open: usize,
+
+    /// Share of churn-leak connections left in CLOSE_WAIT, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    leak_percent: f64,
+
+    /// The tracer's --leak-after in the churn-leak workload (short, so that
+    /// leaks are reported, with their evidence, within a run).
+    #[arg(long, default_value = "1s")]
+    leak_after: String,
+
+    /// Leave out the peer tools even where installed.
+    #[arg(long)]
+    no_peers: bool,
+
+    /// Only the configurations whose workload or label contains this text
+    /// (and the baselines).
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
+
+    /// Do not turn on the kernel's eBPF run-time accounting (then the
+    /// eBPF CPU column is n/a).
+    #[arg(long)]
+    no_bpf_stats: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    Churn,
+    ChurnLeak,
+    ManySockets,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Churn => "churn",
+            Workload::ChurnLeak => "churn-leak",
+            Workload::ManySockets => "many-sockets",
+        }
+    }
+}
+
+pub struct Config {
+    pub workload: Workload,
+    pub observer: Observer,
+    /// The tracer's --leak-after, when not its default.
+    pub leak_after: Option<String>,
+}
+
+impl Config {
+    pub fn label(&self) -> String {
+        self.observer.label(self.leak_after.as_deref())
+    }
+}
+
+/// One run of one configuration: what the client measured and what the
+/// observer said. Everything optional: a run may fail part way.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunResult {
+    pub config: usize,
+    pub workload: String,
+    pub label: String,
+    pub run: usize,
+    pub connections: Option<u64>,
+    pub seconds: Option<f64>,
+    pub conn_per_sec: Option<f64>,
+    pub client_errors: Option<u64>,
+    pub leaked_open: Option<u64>,
+    pub idle_open: Option<u64>,
+    pub kernel_generated: Option<u64>,
+    pub received: Option<u64>,
+    pub drops: Option<u64>,
+    /// Generated, but neither received nor counted as dropped.
+    pub missing: Option<u64>,
+    pub leaks_reported: Option<u64>,
+    pub output_bytes: Option<u64>,
+    /// utime + stime from /proc just before SIGINT.
+    pub agent_cpu_s: Option<f64>,
+    /// From wait4: the whole life, shutdown included.
+    pub agent_cpu_total_s: Option<f64>,
+    /// VmHWM just before SIGINT.
+    pub agent_peak_rss_kib: Option<u64>,
+    /// From the observer's start to its ready line (eBPF load, snapshot).
+    pub agent_start_s: Option<f64>,
+    /// Kernel time in the observer's eBPF programs, just before SIGINT
+    /// (charged to whatever task hit the hook, not to the agent).
+    pub bpf_cpu_s: Option<f64>,
+    pub bpf_runs: Option<u64>,
+    /// The same two, counted from the observer's ready line only (the load,
+    /// without the start-up).
+    pub agent_cpu_load_s: Option<f64>,
+    pub bpf_cpu_load_s: Option<f64>,
+    pub notes: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// Settings of this bench run, as written in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub runs: usize,
+    pub seconds: f64,
+    pub threads: usize,
+    pub addrs: usize,
+    pub open: usize,
+    pub leak_percent: f64,
+    pub leak_after: String,
+    pub bpf_stats: bool,
+}
+
+struct Ctx<'a> {
+    tracer: &'a Path,
+    loadgen: &'a Path,
+    tmp: &'a Path,
+    settings: &'a Settings,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("tracer-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ok(false): the table was written but a run of the baseline or the
+/// tracer failed.
+fn run(cli: Cli) -> Result<bool> {
+    let loadgen = match &cli.loadgen {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("finding our own executable")?
+            .with_file_name("loadgen"),
+    };
+    for (what, p) in [("tracer", &cli.tracer), ("loadgen", &loadgen)] {
+        if !p.is_file() {
+            bail!("{what} not found at {}", p.display());
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the tracer and the peer tools load eBPF programs: run as root");
+    }
+    let settings = Settings {
+        quick: cli.quick,
+        runs: cli.runs.unwrap_or(if cli.quick { 2 } else { 5 }).max(1),
+        seconds: cli.seconds.unwrap_or(if cli.quick { 2.0 } else { 5.0 }),
+        threads: cli.threads.max(1),
+        addrs: cli.addrs,
+        open: cli.open,
+        leak_percent: cli.leak_percent,
+        leak_after: cli.leak_after.clone(),
+        bpf_stats: false,
+    };
+    if !(settings.seconds.is_finite() && settings.seconds > 0.0) {
+        bail!("--seconds must be positive");
+    }
+
+    let (peers, skipped) = if cli.no_peers {
+        (Vec::new(), vec!["peer tools: left out (--no-peers)".to_owned()])
+    } else {
+        detect_peers()
+    };
+    let mut configs = configurations(&settings, peers);
+    if let Some(only) = &cli.only {
+        configs.retain(|c| {
+            matches!(c.observer, Observer::Baseline) || c.label().contains(only) || c.workload.name().contains(only)
+        });
+    }
+    // Held until we exit: accounting stays on exactly as long as the bench.
+    let bpf_stats = if cli.no_bpf_stats {
+        None
+    } else {
+        match procs::enable_bpf_stats() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                eprintln!(
+                    "tracer-bench: warning: cannot enable eBPF run-time stats ({e}); the eBPF CPU column will be n/a"
+                );
+                None
+            }
+        }
+    };
+    let settings = Settings {
+        bpf_stats: bpf_stats.is_some(),
+        ..settings
+    };
+
+    let out_dir = cli
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let tmp = out_dir.join(format!("tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let ctx = Ctx {
+        tracer: &cli.tracer,
+        loadgen: &loadgen,
+        tmp: &tmp,
+        settings: &settings,
+    };
+    let started = SystemTime::now();
+    for s in &skipped {
+        eprintln!("tracer-bench: skipping {s}");
+    }
+    eprintln!(
+        "tracer-bench: {} configurations × {} runs × {} s, interleaved",
+        configs.len(),
+        settings.runs,
+        settings.seconds
+    );
+
+    let total = configs.len() * settings.runs;
+    let mut results = Vec::with_capacity(total);
+    for run in 0..settings.runs {
+        for (i, config) in configs.iter().enumerate() {
+            let r = run_one(&ctx, i, config, run);
+            eprintln!(
+                "[{}/{total}] {} · {} · run {}/{}: {}",
+                results.len() + 1,
+                config.workload.name(),
+                config.label(),
+                run + 1,
+                settings.runs,
+                progress(&r)
+            );
+            results.push(r);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    let machine = report::Machine::probe();
+    let rows = report::rows(&configs, &results);
+    let md = report::markdown(&report::Document {
+        started,
+        machine: &machine,
+        settings: &settings,
+        rows: &rows,
+        skipped: &skipped,
+        results: &results,
+    });
+    let json = serde_json::json!({
+        "started": report::utc(started),
+        "machine": machine,
+        "settings": settings,
+        "skipped": skipped,
+        "rows": rows,
+        "runs": results,
+    });
+    std::fs::write(&cli.out, &md).with_context(|| format!("writing {}", cli.out.display()))?;
+    let json_path = cli.out.with_extension("json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("{md}");
+    eprintln!("tracer-bench: wrote {} and {}", cli.out.display(), json_path.display());
+
+    let failed = results
+        .iter()
+        .filter(|r| r.error.is_some() && !configs[r.config].observer.is_peer())
+        .count();
+    if failed > 0 {
+        eprintln!("tracer-bench: {failed} run(s) of the baseline or the tracer failed (see the table's notes)");
+    }
+    Ok(failed == 0)
+}
+
+fn progress(r: &RunResult) -> String {
+    if let Some(e) = &r.error {
+        return format!("FAILED: {e}");
+    }
+    let mut s = format!("{:.0} conn/s", r.conn_per_sec.unwrap_or(0.0));
+    if let Some(cpu) = r.agent_cpu_s {
+        s += &format!(", agent CPU {cpu:.2} s");
+    }
+    if let Some(cpu) = r.bpf_cpu_s {
+        s += &format!(", eBPF CPU {cpu:.2} s");
+    }
+    if let (Some(g), Some(rx)) = (r.kernel_generated, r.received) {
+        s += &format!(", events {g} generated / {rx} received");
+    } else if let Some(rx) = r.received {
+        s += &format!(", {rx} events received");
+    }
+    if let Some(d) = r.drops.filter(|d| *d > 0) {
+        s += &format!(", {d} DROPPED");
+    }
+    if let Some(m) = r.missing.filter(|m| *m > 0) {
+        s += &format!(", {m} MISSING");
+    }
+    s
+}
+
+/// The configurations, in the order they run within each round.
+fn configurations(s: &Settings, peers: Vec<Observer>) -> Vec<Config> {
+    let plain = |workload, observer| Config {
+        workload,
+        observer,
+        leak_after: None,
+    };
+    let mut v = vec![
+        plain(Workload::Churn, Observer::Baseline),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::Text)),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::Json)),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::Record)),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::PidFilter)),
+    ];
+    v.extend(peers.into_iter().map(|p| plain(Workload::Churn, p)));
+    v.push(plain(Workload::ChurnLeak, Observer::Baseline));
+    v.push(Config {
+        workload: Workload::ChurnLeak,
+        observer: Observer::Tracer(TracerKind::Json),
+        leak_after: Some(s.leak_after.clone()),
+    });
+    if !s.quick {
+        v.push(plain(Workload::ManySockets, Observer::Baseline));
+        v.push(plain(Workload::ManySockets, Observer::Tracer(TracerKind::Json)));
+    }
+    v
+}
+
+/// The peer tools found, and why the others are left out.
+fn detect_peers() -> (Vec<Observer>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let tcpstates = Path::new("/usr/sbin/tcpstates-bpfcc");
+    let modules = PathBuf::from(format!("/lib/modules/{release}"));
+    let build = modules.join("build");
+    // What bcc includes first; split Debian headers have it in `source`.
+    let headers = ["build", "source"]
+        .iter()
+        .any(|d| modules.join(d).join("include/linux/kconfig.h").is_file());
+    if !tcpstates.is_file() {
+        skipped.push(format!(
+            "bcc tcpstates: {} not installed (Debian package bpfcc-tools; `cargo xtask bench --install-peers`)",
+            tcpstates.display()
+        ));
+    } else if !headers {
+        skipped.push(format!(
+            "bcc tcpstates: no kernel headers at {} (bcc compiles against them; `cargo xtask bench --install-peers` links Debian's linux-headers-6.1.0-*-amd64 there)",
+            build.display()
+        ));
+    } else {
+        found.push(Observer::Bcc(tcpstates.to_path_buf()));
+    }
+    match which("bpftrace") {
+        Some(p) => found.push(Observer::Bpftrace(p)),
+        None => skipped.push("bpftrace: not installed (`cargo xtask bench --install-peers`)".to_owned()),
+    }
+    match which("strace") {
+        Some(p) => found.push(Observer::Strace(p)),
+        None => skipped.push("strace -f: strace not installed (`apt-get install strace`)".to_owned()),
+    }
+    (found, skipped)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn run_one(ctx: &Ctx, index: usize, config: &Config, run: usize) -> RunResult {
+    let mut r = RunResult {
+        config: index,
+        workload: config.workload.name().to_owned(),
+        label: config.label(),
+        run,
+        ..RunResult::default()
+    };
+    if let Err(e) = try_run(ctx, index, config, run, &mut r) {
+        r.error = Some(format!("{e:#}"));
+    }
+    r
+}
+
+fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResult) -> Result<()> {
+    let s = ctx.settings;
+    let threads = s.threads.to_string();
+    let addrs = s.addrs.to_string();
+
+    // The server, and the port it listens on.
+    let mut cmd = Command::new(ctx.loadgen);
+    cmd.args(["server", "--threads", &threads, "--addrs", &addrs]);
+    let mut server = Proc::spawn("loadgen server", cmd, false, Out::Null, OnParentDeath::Kill)?;
+    let mut port = None;
+    server.wait_until("READY", Duration::from_secs(30), |p| {
+        port = p.stderr_line("READY port=").and_then(|l| {
+            l.trim_start_matches("READY port=")
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u16>().ok())
+        });
+        port.is_some()
+    })?;
+    let port = port.expect("checked").to_string();
+
+    // An idle, unrelated process for --pid.
+    let idle = match config.observer {
+        Observer::Tracer(TracerKind::PidFilter) => {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("100000");
+            Some(Proc::spawn("sleep", cmd, false, Out::Null, OnParentDeath::Kill)?)
+        }
+        _ => None,
+    };
+
+    // The client, wrapped by strace when that is the observer. It prepares
+    // (idle connections), says READY and waits for a line on stdin.
+    let seconds = format!("{}", s.seconds);
+    let mut client_args = vec![
+        "client".to_owned(),
+        "--port".to_owned(),
+        port,
+        "--addrs".to_owned(),
+        addrs,
+        "--threads".to_owned(),
+        threads,
+        "--mode".to_owned(),
+        config.workload.name().to_owned(),
+        "--duration".to_owned(),
+        seconds,
+        "--sync".to_owned(),
+    ];
+    match config.workload {
+        Workload::Churn => {}
+        Workload::ChurnLeak => client_args.extend(["--leak-percent".to_owned(), s.leak_percent.to_string()]),
+        Workload::ManySockets => client_args.extend(["--open".to_owned(), s.open.to_string()]),
+    }
+    let cmd = match &config.observer {
+        Observer::Strace(strace) => {
+            let mut cmd = Command::new(strace);
+            cmd.args(["-f", "-o", "/dev/null"]).arg(ctx.loadgen).args(&client_args);
+            cmd
+        }
+        _ => {
+            let mut cmd = Command::new(ctx.loadgen);
+            cmd.args(&client_args);
+            cmd
+        }
+    };
+    let mut client = Proc::spawn("loadgen client", cmd, true, Out::Tap(None), OnParentDeath::Kill)?;
+    let prepare = if config.workload == Workload::ManySockets {
+        Duration::from_secs(600)
+    } else {
+        Duration::from_secs(60)
+    };
+    client.wait_until("READY", prepare, |p| p.stderr_line("READY").is_some())?;
+
+    // The observer, ready before the load starts.
+    let stem = format!("c{index}-r{run}");
+    let mut running = observer::start(
+        &config.observer,
+        &observer::Start {
+            tracer: ctx.tracer,
+            tmp: ctx.tmp,
+            stem: &stem,
+            leak_after: config.leak_after.as_deref(),
+            pid: idle.as_ref().map(|p| p.pid),
+        },
+    )?;
+
+    // What start-up cost, to tell the load's share apart.
+    let at_ready = running.as_ref().map(|o| {
+        let bpf = s.bpf_stats.then(|| procs::bpf_run_time(o.proc.pid)).flatten();
+        (o.proc.sample(), bpf)
+    });
+    client.write_stdin("go\n")?;
+    let mut line = None;
+    let limit = Duration::from_secs_f64(s.seconds) + Duration::from_secs(120);
+    client.wait_until("its result line", limit, |p| {
+        line = p.stdout_line("{");
+        line.is_some()
+    })?;
+    let result: Value =
+        serde_json::from_str(line.as_deref().expect("checked")).context("parsing the client's result")?;
+    r.connections = result["connections"].as_u64();
+    r.seconds = result["seconds"].as_f64();
+    r.conn_per_sec = result["conn_per_sec"].as_f64();
+    r.client_errors = result["errors"].as_u64();
+    r.leaked_open = result["leaked_open"].as_u64();
+    r.idle_open = result["idle_open"].as_u64();
+    if let Some(n) = r.client_errors.filter(|n| *n > 0) {
+        r.notes.push(format!("client: {n} connection errors"));
+    }
+
+    // Sample, then stop the observer (strace: the client is the observer).
+    let mut outcome = Ok(());
+    if let Some(obs) = running.as_mut() {
+        r.agent_start_s = Some(obs.start_seconds);
+        let sample = obs.proc.sample();
+        r.agent_cpu_s = sample.cpu_seconds;
+        r.agent_peak_rss_kib = sample.peak_rss_kib;
+        if s.bpf_stats {
+            let bpf = procs::bpf_run_time(obs.proc.pid);
+            r.bpf_cpu_s = bpf.map(|b| b.seconds);
+            r.bpf_runs = bpf.map(|b| b.runs);
+        }
+        if let Some((ready, ready_bpf)) = at_ready {
+            r.agent_cpu_load_s = sample.cpu_seconds.zip(ready.cpu_seconds).map(|(a, b)| a - b);
+            r.bpf_cpu_load_s = r.bpf_cpu_s.map(|a| a - ready_bpf.map_or(0.0, |b| b.seconds));
+        }
+        let (exit, note) = obs.stop()?;
+        r.agent_cpu_total_s = Some(exit.cpu_seconds());
+        r.notes.extend(note);
+        // A peer's exit status after our signal is its own business.
+        if !exit.success() && obs.is_tracer() {
+            outcome = Err(anyhow::anyhow!(
+                "{} exited with {} after SIGINT{}",
+                obs.proc.name,
+                exit.describe(),
+                obs.proc.stderr_tail()
+            ));
+        } else {
+            let c = obs.counters(ctx.tracer)?;
+            r.kernel_generated = c.kernel_generated;
+            r.received = c.received;
+            r.drops = c.drops;
+            r.missing = match (c.kernel_generated, c.received, c.drops) {
+                (Some(g), Some(rx), Some(d)) => Some(g.saturating_sub(rx + d)),
+                _ => None,
+            };
+            r.leaks_reported = c.leaks_reported;
+            r.output_bytes = c.output_bytes;
+            r.notes.extend(c.notes);
+        }
+    } else if matches!(config.observer, Observer::Strace(_)) {
+        let sample = client.sample();
+        r.agent_cpu_s = sample.cpu_seconds;
+        r.agent_peak_rss_kib = sample.peak_rss_kib;
+    }
+
+    // Let the client go (it closes its connections), then the server.
+    client.close_stdin();
+    let exit = client.stop(None, Duration::from_secs(300))?;
+    if matches!(config.observer, Observer::Strace(_)) {
+        r.agent_cpu_total_s = Some(exit.cpu_seconds());
+    }
+    if !exit.success() && outcome.is_ok() {
+        outcome = Err(anyhow::anyhow!(
+            "the client exited with {}{}",
+            exit.describe(),
+            client.stderr_tail()
+        ));
+    }
+    let _ = server.stop(Some(libc::SIGTERM), Duration::from_secs(30));
+    drop(idle);
+    for ext in ["jsonl", "rec"] {
+        let _ = std::fs::remove_file(ctx.tmp.join(format!("{stem}.{ext}")));
+    }
+    outcome
+}

@@ -1,0 +1,369 @@
+//! What watches the load: nothing (the baseline), the tracer in one of its
+//! configurations, or a peer tool. Each knows how to start, how to tell it
+//! is ready, how to stop, and what it can say about the events it saw.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::procs::{Exit, OnParentDeath, Out, Proc};
+
+/// bpftrace's program: one line per state change. BEGIN runs once every
+/// probe is attached, so its line says the tool is ready. Event lines start
+/// with "E " so that the runner can count them without parsing.
+pub const BPFTRACE_PROGRAM: &str = r#"BEGIN { printf("READY\n"); }
+tracepoint:sock:inet_sock_set_state {
+  printf("E %d %s %s:%d %s:%d %d -> %d\n", pid, comm, ntop(args->saddr), args->sport,
+         ntop(args->daddr), args->dport, args->oldstate, args->newstate);
+}"#;
+
+#[derive(Clone, Debug)]
+pub enum Observer {
+    Baseline,
+    Tracer(TracerKind),
+    /// bcc's tcpstates (a Python script).
+    Bcc(PathBuf),
+    Bpftrace(PathBuf),
+    /// `strace -f -o /dev/null` around the client.
+    Strace(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TracerKind {
+    /// `tracer live`, host-wide, text to /dev/null.
+    Text,
+    /// `tracer live --json`, to a file.
+    Json,
+    /// `tracer record -o FILE`.
+    Record,
+    /// `tracer live --json --pid PID` of an idle, unrelated process.
+    PidFilter,
+}
+
+impl Observer {
+    pub fn label(&self, leak_after: Option<&str>) -> String {
+        let extra = leak_after.map(|l| format!(" --leak-after {l}")).unwrap_or_default();
+        match self {
+            Observer::Baseline => "baseline (no tracer)".into(),
+            Observer::Tracer(TracerKind::Text) => format!("tracer live{extra} (text, host-wide)"),
+            Observer::Tracer(TracerKind::Json) => format!("tracer live --json{extra}"),
+            Observer::Tracer(TracerKind::Record) => format!("tracer record{extra}"),
+            Observer::Tracer(TracerKind::PidFilter) => format!("tracer live --json --pid <idle>{extra}"),
+            Observer::Bcc(_) => "bcc tcpstates".into(),
+            Observer::Bpftrace(_) => "bpftrace one-liner".into(),
+            Observer::Strace(_) => "strace -f (client)".into(),
+        }
+    }
+
+    /// A peer tool: its failures are reported but do not fail the bench.
+    pub fn is_peer(&self) -> bool {
+        matches!(self, Observer::Bcc(_) | Observer::Bpftrace(_) | Observer::Strace(_))
+    }
+}
+
+/// A running observer (strace excepted: it runs as the client).
+pub struct Running {
+    pub proc: Proc,
+    kind: Watch,
+    /// From spawn to ready.
+    pub start_seconds: f64,
+}
+
+enum Watch {
+    Tracer { kind: TracerKind, output: Option<PathBuf> },
+    Peer,
+}
+
+/// What an observer says about the events, after it stopped.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub kernel_generated: Option<u64>,
+    pub received: Option<u64>,
+    pub drops: Option<u64>,
+    pub leaks_reported: Option<u64>,
+    pub output_bytes: Option<u64>,
+    /// Anything worth a note (hooks not attached, damaged recording).
+    pub notes: Vec<String>,
+}
+
+pub struct Start<'a> {
+    pub tracer: &'a Path,
+    pub tmp: &'a Path,
+    /// File name stem for this run's outputs.
+    pub stem: &'a str,
+    pub leak_after: Option<&'a str>,
+    /// For `--pid`: the idle process.
+    pub pid: Option<i32>,
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn start(obs: &Observer, s: &Start) -> Result<Option<Running>> {
+    let began = std::time::Instant::now();
+    let running = start_inner(obs, s)?;
+    Ok(running.map(|r| Running {
+        start_seconds: began.elapsed().as_secs_f64(),
+        ..r
+    }))
+}
+
+fn start_inner(obs: &Observer, s: &Start) -> Result<Option<Running>> {
+    match obs {
+        Observer::Baseline | Observer::Strace(_) => Ok(None),
+        Observer::Tracer(kind) => start_tracer(*kind, s).map(Some),
+        Observer::Bcc(path) => {
+            let mut cmd = Command::new(path);
+            // The header line, printed once the tracepoint is attached, is
+            // how we know it is ready: Python must not sit on it in a buffer.
+            cmd.env("PYTHONUNBUFFERED", "1");
+            let mut p = Proc::spawn("tcpstates", cmd, false, Out::Tap(Some(b"ffff")), OnParentDeath::Kill)?;
+            p.wait_until("its header line", READY_TIMEOUT, |p| p.stdout_line("SKADDR").is_some())?;
+            Ok(Some(Running {
+                proc: p,
+                kind: Watch::Peer,
+                start_seconds: 0.0,
+            }))
+        }
+        Observer::Bpftrace(path) => {
+            let mut cmd = Command::new(path);
+            cmd.arg("-e").arg(BPFTRACE_PROGRAM);
+            let mut p = Proc::spawn("bpftrace", cmd, false, Out::Tap(Some(b"E ")), OnParentDeath::Kill)?;
+            p.wait_until("its READY line", READY_TIMEOUT, |p| p.stdout_line("READY").is_some())?;
+            Ok(Some(Running {
+                proc: p,
+                kind: Watch::Peer,
+                start_seconds: 0.0,
+            }))
+        }
+    }
+}
+
+fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
+    let mut cmd = Command::new(s.tracer);
+    let output = match kind {
+        TracerKind::Text => {
+            cmd.arg("live");
+            None
+        }
+        TracerKind::Json | TracerKind::PidFilter => {
+            cmd.args(["live", "--json"]);
+            Some(s.tmp.join(format!("{}.jsonl", s.stem)))
+        }
+        TracerKind::Record => {
+            let path = s.tmp.join(format!("{}.rec", s.stem));
+            cmd.arg("record").arg("-o").arg(&path);
+            Some(path)
+        }
+    };
+    if kind == TracerKind::PidFilter {
+        let pid = s.pid.context("no idle process for --pid")?;
+        cmd.args(["--pid", &pid.to_string()]);
+    }
+    if let Some(l) = s.leak_after {
+        cmd.args(["--leak-after", l]);
+    }
+    let out = match (&output, kind) {
+        (Some(path), TracerKind::Json | TracerKind::PidFilter) => {
+            Out::File(File::create(path).with_context(|| format!("creating {}", path.display()))?)
+        }
+        _ => Out::Null,
+    };
+    // SIGTERM if we die: the tracer then detaches and exits cleanly.
+    let mut p = Proc::spawn("tracer", cmd, false, out, OnParentDeath::Terminate)?;
+    match kind {
+        TracerKind::Text => p.wait_until("its 'tracer: watching' line", READY_TIMEOUT, |p| {
+            p.stderr_line("tracer: watching").is_some()
+        })?,
+        TracerKind::Record => p.wait_until("its 'tracer: recording to' line", READY_TIMEOUT, |p| {
+            p.stderr_line("tracer: recording to").is_some()
+        })?,
+        TracerKind::Json | TracerKind::PidFilter => {
+            let path = output.clone().expect("json output");
+            p.wait_until("its start line", READY_TIMEOUT, |_| first_line_is_start(&path))?
+        }
+    }
+    Ok(Running {
+        proc: p,
+        kind: Watch::Tracer { kind, output },
+        start_seconds: 0.0,
+    })
+}
+
+/// The JSON output's first line is complete and is the start object.
+fn first_line_is_start(path: &Path) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 64];
+    let Ok(mut f) = File::open(path) else { return false };
+    let n = f.read(&mut buf).unwrap_or(0);
+    let head = &buf[..n];
+    // Written in one flush after the snapshot: once any of it is there,
+    // the type is too.
+    head.starts_with(br#"{"type":"start""#)
+}
+
+impl Running {
+    pub fn is_tracer(&self) -> bool {
+        matches!(self.kind, Watch::Tracer { .. })
+    }
+
+    /// SIGINT, as a user would. The tracer gets long (a slow shutdown is a
+    /// finding, not a reason to kill it). bcc's tcpstates may never see its
+    /// KeyboardInterrupt: raised inside a ctypes callback, it is printed and
+    /// ignored while events keep coming; so peers get SIGTERM after 3 s.
+    /// Returns how it ended and a note when SIGINT was not enough.
+    pub fn stop(&mut self) -> Result<(Exit, Option<String>)> {
+        let steps: &[(i32, Duration)] = match self.kind {
+            Watch::Tracer { .. } => &[(libc::SIGINT, Duration::from_secs(120))],
+            Watch::Peer => &[
+                (libc::SIGINT, Duration::from_secs(3)),
+                (libc::SIGTERM, Duration::from_secs(10)),
+            ],
+        };
+        let (exit, step) = self.proc.stop_with(steps)?;
+        let note = (step > 0).then(|| format!("{} ignored SIGINT for 3 s; stopped with SIGTERM", self.proc.name));
+        Ok((exit, note))
+    }
+
+    /// Counters that need the stopped observer's output. `tracer` is used to
+    /// read a recording back (`tracer report --json`).
+    pub fn counters(&self, tracer: &Path) -> Result<Counters> {
+        match &self.kind {
+            Watch::Peer => {
+                let tap = self.proc.stdout.as_ref().expect("peers are tapped");
+                Ok(Counters {
+                    received: Some(tap.events()),
+                    // Lost-sample reports come on either stream.
+                    drops: Some(tap.lost() + self.proc.stderr.lost()),
+                    output_bytes: Some(tap.bytes()),
+                    ..Counters::default()
+                })
+            }
+            Watch::Tracer { kind, output } => {
+                let Some(path) = output else {
+                    return Ok(Counters::default());
+                };
+                let bytes = std::fs::metadata(path).map(|m| m.len()).ok();
+                let (text, start) = match kind {
+                    TracerKind::Record => (report_json(tracer, path)?, None),
+                    _ => {
+                        let text =
+                            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                        let start = text.lines().next().map(str::to_owned);
+                        (text, start)
+                    }
+                };
+                let mut c = summary_counters(&text)?;
+                c.output_bytes = bytes;
+                if let Some(start) = start {
+                    c.notes.extend(detached_hooks(&start));
+                }
+                Ok(c)
+            }
+        }
+    }
+}
+
+/// `tracer report --json FILE`: replays the recording through the same
+/// analysis; its summary carries the counters recorded at the end.
+fn report_json(tracer: &Path, recording: &Path) -> Result<String> {
+    let out_path = recording.with_extension("report.jsonl");
+    let out = File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+    let mut cmd = Command::new(tracer);
+    cmd.arg("report").arg("--json").arg(recording);
+    let mut p = Proc::spawn("tracer report", cmd, false, Out::File(out), OnParentDeath::Kill)?;
+    let exit = p.stop(None, Duration::from_secs(300))?;
+    if !exit.success() {
+        bail!("tracer report exited with {}{}", exit.describe(), p.stderr_tail());
+    }
+    let text = std::fs::read_to_string(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
+    let _ = std::fs::remove_file(&out_path);
+    Ok(text)
+}
+
+/// Counters from the last `summary` line of the tracer's JSON output.
+pub fn summary_counters(jsonl: &str) -> Result<Counters> {
+    let line = jsonl
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(r#"{"type":"summary""#))
+        .context("the tracer's output has no summary line")?;
+    let v: Value = serde_json::from_str(line).context("parsing the tracer's summary")?;
+    let stats = &v["stats"];
+    let num = |p: &str| stats.pointer(p).and_then(Value::as_u64);
+    let mut notes = Vec::new();
+    if let Some(rec) = v.get("recording") {
+        for d in rec["damage"].as_array().into_iter().flatten() {
+            notes.push(format!("recording damage: {}", d.as_str().unwrap_or("?")));
+        }
+    }
+    for (key, what) in [
+        ("/kernel/stack_errors", "stacks lost"),
+        ("/kernel/watch_full", "watch map full"),
+        ("/agent/untracked_table_full", "sockets untracked (table full)"),
+        ("/decode_errors", "decode errors"),
+    ] {
+        if let Some(n) = num(key).filter(|n| *n > 0) {
+            notes.push(format!("{what}: {n}"));
+        }
+    }
+    Ok(Counters {
+        kernel_generated: num("/kernel/generated"),
+        drops: num("/kernel/ringbuf_drops"),
+        received: num("/agent/events"),
+        leaks_reported: num("/agent/leaks_reported"),
+        output_bytes: None,
+        notes,
+    })
+}
+
+/// Hooks the start line says are not attached.
+fn detached_hooks(start: &str) -> Vec<String> {
+    let Ok(v) = serde_json::from_str::<Value>(start) else {
+        return Vec::new();
+    };
+    v["hooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h["attached"] == Value::Bool(false))
+        .map(|h| format!("hook {} not attached", h["hook"].as_str().unwrap_or("?")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUTPUT: &str = concat!(
+        r#"{"type":"start","hooks":[{"hook":"inet_sock_set_state","attached":true},{"hook":"sys_exit_accept","attached":false}],"filter_pid":null,"leak_after_ms":5000,"preexisting_sockets":3}"#,
+        "\n",
+        r#"{"type":"status","time":"x","uptime_ms":1,"events":5,"sockets_tracked":1,"leaks_now":0,"ringbuf_drops":0}"#,
+        "\n",
+        r#"{"type":"summary","duration_ms":2305,"reason":"signal","leaks":[],"groups":[],"stats":{"kernel":{"generated":1000,"ringbuf_drops":7,"watch_full":0,"fd_unresolved":0,"close_range_truncated":0,"stack_errors":2},"agent":{"events":993,"sockets_tracked":3,"sockets_seen":3,"untracked_table_full":0,"leaks_reported":4,"late_closes":0,"resets":0},"decode_errors":0}}"#,
+        "\n"
+    );
+
+    #[test]
+    fn summary() {
+        let c = summary_counters(OUTPUT).unwrap();
+        assert_eq!(c.kernel_generated, Some(1000));
+        assert_eq!(c.drops, Some(7));
+        assert_eq!(c.received, Some(993));
+        assert_eq!(c.leaks_reported, Some(4));
+        assert_eq!(c.notes, vec!["stacks lost: 2".to_owned()]);
+        assert!(summary_counters("{\"type\":\"start\"}\n").is_err());
+    }
+
+    #[test]
+    fn hooks() {
+        let start = OUTPUT.lines().next().unwrap();
+        assert_eq!(
+            detached_hooks(start),
+            vec!["hook sys_exit_accept not attached".to_owned()]
+        );
+    }
+}

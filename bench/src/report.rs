@@ -1,0 +1,405 @@
+//! Medians per configuration and the markdown report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::{Config, RunResult, Settings, Workload};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu: String,
+    pub memory_gib: f64,
+}
+
+impl Machine {
+    pub fn probe() -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let memory_kib: f64 = read("/proc/meminfo")
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            cpu,
+            memory_gib: memory_kib / (1024.0 * 1024.0),
+        }
+    }
+}
+
+/// One configuration, summarized over its runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub workload: &'static str,
+    pub label: String,
+    pub peer: bool,
+    pub baseline: bool,
+    pub runs_ok: usize,
+    pub runs: usize,
+    pub conn_per_sec: Option<f64>,
+    /// Median conn/s over the baseline's median conn/s, same workload.
+    pub vs_baseline: Option<f64>,
+    pub kernel_generated: Option<f64>,
+    pub received: Option<f64>,
+    pub received_per_conn: Option<f64>,
+    /// Sum over all runs.
+    pub drops: Option<u64>,
+    /// Sum over all runs.
+    pub missing: Option<u64>,
+    pub agent_start_s: Option<f64>,
+    pub agent_cpu_s: Option<f64>,
+    pub bpf_cpu_s: Option<f64>,
+    /// Largest over the runs.
+    pub agent_peak_rss_kib: Option<u64>,
+    pub output_bytes: Option<f64>,
+    pub leaks_reported: Option<f64>,
+    pub leaked_open: Option<f64>,
+}
+
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+pub fn rows(configs: &[Config], results: &[RunResult]) -> Vec<Row> {
+    let mut rows: Vec<Row> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let all: Vec<&RunResult> = results.iter().filter(|r| r.config == i).collect();
+            let ok: Vec<&RunResult> = all.iter().copied().filter(|r| r.error.is_none()).collect();
+            let med = |f: &dyn Fn(&RunResult) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)));
+            let per_conn = median(ok.iter().filter_map(|r| match (r.received, r.connections) {
+                (Some(rx), Some(n)) if n > 0 => Some(rx as f64 / n as f64),
+                _ => None,
+            }));
+            let drops: Vec<u64> = ok.iter().filter_map(|r| r.drops).collect();
+            let missing: Vec<u64> = ok.iter().filter_map(|r| r.missing).collect();
+            Row {
+                workload: c.workload.name(),
+                label: c.label(),
+                peer: c.observer.is_peer(),
+                baseline: matches!(c.observer, crate::observer::Observer::Baseline),
+                runs_ok: ok.len(),
+                runs: all.len(),
+                conn_per_sec: med(&|r| r.conn_per_sec),
+                vs_baseline: None,
+                kernel_generated: med(&|r| r.kernel_generated.map(|n| n as f64)),
+                received: med(&|r| r.received.map(|n| n as f64)),
+                received_per_conn: per_conn,
+                drops: (!drops.is_empty()).then(|| drops.iter().sum()),
+                missing: (!missing.is_empty()).then(|| missing.iter().sum()),
+                agent_start_s: med(&|r| r.agent_start_s),
+                agent_cpu_s: med(&|r| r.agent_cpu_s),
+                bpf_cpu_s: med(&|r| r.bpf_cpu_s),
+                agent_peak_rss_kib: ok.iter().filter_map(|r| r.agent_peak_rss_kib).max(),
+                output_bytes: med(&|r| r.output_bytes.map(|n| n as f64)),
+                leaks_reported: med(&|r| r.leaks_reported.map(|n| n as f64)),
+                leaked_open: med(&|r| r.leaked_open.map(|n| n as f64)),
+            }
+        })
+        .collect();
+    let baselines: BTreeMap<&str, f64> = rows
+        .iter()
+        .filter(|r| r.baseline)
+        .filter_map(|r| Some((r.workload, r.conn_per_sec?)))
+        .collect();
+    for row in &mut rows {
+        if let (Some(base), Some(cps)) = (baselines.get(row.workload), row.conn_per_sec) {
+            if *base > 0.0 {
+                row.vs_baseline = Some(cps / base);
+            }
+        }
+    }
+    rows
+}
+
+pub struct Document<'a> {
+    pub started: SystemTime,
+    pub machine: &'a Machine,
+    pub settings: &'a Settings,
+    pub rows: &'a [Row],
+    pub skipped: &'a [String],
+    pub results: &'a [RunResult],
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "n/a".into())
+}
+
+fn int(x: f64) -> String {
+    format!("{x:.0}")
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1}", bytes / (1024.0 * 1024.0))
+}
+
+pub fn markdown(d: &Document) -> String {
+    let s = d.settings;
+    let m = d.machine;
+    let mut o = String::new();
+    let _ = writeln!(o, "# tracer benchmark\n");
+    let _ = writeln!(
+        o,
+        "{}: {} run(s) × {} s per configuration, interleaved{}; load generator: {} client and {} server threads, connections spread over {} loopback addresses.",
+        utc(d.started),
+        s.runs,
+        s.seconds,
+        if s.quick { " (--quick: no many-sockets)" } else { "" },
+        s.threads,
+        s.threads,
+        s.addrs
+    );
+    let _ = writeln!(
+        o,
+        "Machine: {} CPU(s) ({}), kernel {}, {:.1} GiB memory.\n",
+        m.nproc, m.cpu, m.kernel, m.memory_gib
+    );
+    let _ = writeln!(
+        o,
+        "| workload | configuration | runs | conn/s (median) | vs baseline | kernel events/run | received/run | received/conn | drops (all runs) | missing (all runs) | agent start s | agent CPU s/run | eBPF CPU s/run | agent peak RSS MiB | output MiB/run |"
+    );
+    let _ = writeln!(o, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for r in d.rows {
+        let dash = |v: String| if r.baseline { "–".to_owned() } else { v };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.workload,
+            r.label,
+            r.runs_ok,
+            r.runs,
+            if r.runs_ok == 0 {
+                "FAILED".to_owned()
+            } else {
+                opt(r.conn_per_sec, int)
+            },
+            if r.baseline {
+                "1.00".to_owned()
+            } else {
+                opt(r.vs_baseline, |x| format!("{x:.2}"))
+            },
+            dash(opt(r.kernel_generated, int)),
+            dash(opt(r.received, int)),
+            dash(opt(r.received_per_conn, |x| format!("{x:.1}"))),
+            dash(opt(r.drops, |x| x.to_string())),
+            dash(opt(r.missing, |x| x.to_string())),
+            dash(opt(r.agent_start_s, |x| format!("{x:.1}"))),
+            dash(opt(r.agent_cpu_s, |x| format!("{x:.2}"))),
+            dash(opt(r.bpf_cpu_s, |x| format!("{x:.2}"))),
+            dash(opt(r.agent_peak_rss_kib, |x| mib(x as f64 * 1024.0))),
+            dash(opt(r.output_bytes, mib)),
+        );
+    }
+
+    let leak_rows: Vec<&Row> = d
+        .rows
+        .iter()
+        .filter(|r| r.workload == Workload::ChurnLeak.name() && !r.baseline && r.leaks_reported.is_some())
+        .collect();
+    if !leak_rows.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nchurn-leak ({}% of the connections left in CLOSE_WAIT by the client):",
+            s.leak_percent
+        );
+        for r in leak_rows {
+            let _ = writeln!(
+                o,
+                "- {}: {} leaks reported per run (median); the client held {} connections in CLOSE_WAIT at the end (those younger than --leak-after {} are not leaks yet).",
+                r.label,
+                opt(r.leaks_reported, int),
+                opt(r.leaked_open, int),
+                s.leak_after
+            );
+        }
+    }
+
+    let _ = writeln!(
+        o,
+        "\nColumns: see docs/bench.md. n/a: the configuration cannot tell (text output, strace), or the runs failed."
+    );
+    if !d.skipped.is_empty() {
+        let _ = writeln!(o, "\nSkipped:");
+        for s in d.skipped {
+            let _ = writeln!(o, "- {s}");
+        }
+    }
+
+    // Notes, each once with the runs it came from.
+    let mut notes: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for r in d.results {
+        for n in &r.notes {
+            notes.entry((r.label.clone(), n.clone())).or_default().push(r.run + 1);
+        }
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(o, "\nNotes:");
+        for ((label, note), runs) in notes {
+            let runs: Vec<String> = runs.iter().map(usize::to_string).collect();
+            let _ = writeln!(o, "- {label}, run {}: {note}", runs.join(", "));
+        }
+    }
+    let failures: Vec<&RunResult> = d.results.iter().filter(|r| r.error.is_some()).collect();
+    if !failures.is_empty() {
+        let _ = writeln!(o, "\nFailed runs:");
+        for r in failures {
+            let _ = writeln!(
+                o,
+                "- {} · {}, run {}: {}",
+                r.workload,
+                r.label,
+                r.run + 1,
+                r.error.as_deref().unwrap_or("?")
+            );
+        }
+    }
+    o
+}
+
+/// `YYYY-MM-DD HH:MM UTC`.
+pub fn utc(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (era arithmetic:
+/// 400-year eras of 146 097 days, years starting in March).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observer::{Observer, TracerKind};
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(Vec::<f64>::new()), None);
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    fn result(config: usize, run: usize, cps: f64) -> RunResult {
+        RunResult {
+            config,
+            run,
+            connections: Some((cps * 2.0) as u64),
+            conn_per_sec: Some(cps),
+            ..RunResult::default()
+        }
+    }
+
+    #[test]
+    fn ratios_to_the_baseline_of_the_same_workload() {
+        let config = |workload, observer| Config {
+            workload,
+            observer,
+            leak_after: None,
+        };
+        let configs = [
+            config(Workload::Churn, Observer::Baseline),
+            config(Workload::Churn, Observer::Tracer(TracerKind::Json)),
+            config(Workload::ChurnLeak, Observer::Baseline),
+            config(Workload::ChurnLeak, Observer::Tracer(TracerKind::Json)),
+        ];
+        let mut results = vec![
+            result(0, 0, 100.0),
+            result(1, 0, 50.0),
+            result(2, 0, 10.0),
+            result(3, 0, 9.0),
+            result(0, 1, 300.0),
+            result(1, 1, 70.0),
+            result(2, 1, 10.0),
+        ];
+        let mut failed = result(3, 1, 1.0);
+        failed.error = Some("boom".into());
+        results.push(failed);
+        for r in &mut results {
+            r.workload = configs[r.config].workload.name().into();
+            r.label = configs[r.config].label();
+        }
+        results[1].received = Some(500);
+        results[1].drops = Some(3);
+        let rows = rows(&configs, &results);
+        assert_eq!(rows[0].conn_per_sec, Some(200.0));
+        assert_eq!(rows[1].conn_per_sec, Some(60.0));
+        assert_eq!(rows[1].vs_baseline, Some(0.3));
+        assert_eq!(rows[1].drops, Some(3));
+        assert_eq!(rows[1].received_per_conn, Some(5.0));
+        assert_eq!(rows[3].runs_ok, 1);
+        assert_eq!(rows[3].vs_baseline, Some(0.9));
+        let md = markdown(&Document {
+            started: SystemTime::UNIX_EPOCH,
+            machine: &Machine {
+                nproc: 2,
+                kernel: "6.1".into(),
+                cpu: "x".into(),
+                memory_gib: 1.0,
+            },
+            settings: &Settings {
+                quick: true,
+                runs: 2,
+                seconds: 2.0,
+                threads: 2,
+                addrs: 64,
+                open: 0,
+                leak_percent: 1.0,
+                leak_after: "1s".into(),
+                bpf_stats: true,
+            },
+            rows: &rows,
+            skipped: &["bpftrace: not installed".into()],
+            results: &results,
+        });
+        assert!(md.contains("| churn | tracer live --json | 2/2 | 60 | 0.30 |"), "{md}");
+        assert!(md.contains("- churn-leak · tracer live --json, run 2: boom"), "{md}");
+        assert!(md.contains("1970-01-01 00:00 UTC"));
+    }
+}
