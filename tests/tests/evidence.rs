@@ -45,9 +45,14 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+fn setup_with(extra: &[&str]) -> Setup {
     let reply = REPLY.to_string();
     let (server, port) = spawn_server("127.0.0.1:0", &["--reply", &reply]);
-    let mut tracer = run_tracer(&TRACER_ARGS);
+    let args: Vec<&str> = TRACER_ARGS.iter().copied().chain(extra.iter().copied()).collect();
+    let mut tracer = run_tracer(&args);
     tracer.wait_started(START_TIMEOUT);
     Setup {
         server,
@@ -274,6 +279,37 @@ fn open_stack_names_the_opening_function() {
         format_stack(&g.open_stack),
         g.json
     );
+}
+
+#[test]
+fn kernel_stacks_on_request() {
+    if !require_privileges() {
+        return;
+    }
+    let setup = setup_with(&["--kernel-stacks"]);
+    let (client, _socks) = leaky_client(&setup.server_addr, &["--read"]);
+    let port = setup.port;
+    let fin = Finished::new(setup);
+    let ctx = &fin.ctx;
+    let leaks = fin.leaks(port);
+    assert!(!leaks.summary.is_empty(), "no leaks\n{ctx}");
+    for e in leaks.all() {
+        assert_eq!(e.leak.pid, client.pid(), "owner: {}\n{ctx}", e.leak.json);
+        // The connect() path in the kernel, after the user frames.
+        let kernel: Vec<_> = e.open_stack.iter().filter(|f| f.kernel).collect();
+        assert!(
+            kernel
+                .iter()
+                .any(|f| f.symbol.as_deref().is_some_and(|s| s.contains("connect"))),
+            "no kernel connect frame with --kernel-stacks:\n{}{}\n{ctx}",
+            format_stack(&e.open_stack),
+            e.leak.json
+        );
+        assert!(
+            stack_has(&e.open_stack, "open_connection", FIXTURE_MODULE),
+            "user frames missing\n{ctx}"
+        );
+    }
 }
 
 #[test]

@@ -45,8 +45,9 @@ pub struct KernelOffsets {
 pub struct Config {
     /// Only this process's sockets (0 = every process).
     pub filter_tgid: u32,
-    /// Set to 1 by the agent; 0 means the object was loaded unconfigured.
-    pub configured: u32,
+    /// 1: also capture kernel stacks (each costs an unwinder walk, ~5 µs;
+    /// user stacks are always taken where they are evidence).
+    pub kernel_stacks: u32,
     /// Wake the reader only once this many bytes are waiting; below it the
     /// reader drains on its own timer. Per-event wakeups cost ~1.5 µs each.
     pub wakeup_bytes: u64,

@@ -30,6 +30,11 @@ pub fn filter_tgid() -> u32 {
 }
 
 #[inline(always)]
+pub fn kernel_stacks() -> bool {
+    volatile(&CONFIG.kernel_stacks) != 0
+}
+
+#[inline(always)]
 pub fn wakeup_bytes() -> u64 {
     volatile(&CONFIG.wakeup_bytes)
 }

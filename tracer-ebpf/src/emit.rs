@@ -31,7 +31,9 @@ pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
 #[inline(always)]
 pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
     h.ustack = stack_id(ctx, BPF_F_USER_STACK as u64, set);
-    h.kstack = stack_id(ctx, 0, set);
+    if config::kernel_stacks() {
+        h.kstack = stack_id(ctx, 0, set);
+    }
 }
 
 #[inline(always)]

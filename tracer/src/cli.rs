@@ -125,6 +125,12 @@ pub struct TraceArgs {
     #[arg(long)]
     pub events: bool,
 
+    /// Also capture kernel stacks where sockets are opened and closed. Off
+    /// by default: each costs a kernel unwind (~5 µs), and they are nearly
+    /// always the same syscall path. User stacks are always captured.
+    #[arg(long)]
+    pub kernel_stacks: bool,
+
     /// How often to print a status line.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub status_interval: Duration,

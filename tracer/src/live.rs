@@ -75,6 +75,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         ring_bytes: args.ring_bytes,
         wakeup_bytes: u64::from(args.ring_bytes) / WAKEUP_FRACTION,
         stack_entries: args.stack_entries,
+        kernel_stacks: args.kernel_stacks,
     })?;
     // Open the pidfd before the snapshot so an exit in between is not lost.
     let pidfd = args.pid.map(pidfd_open).transpose()?;

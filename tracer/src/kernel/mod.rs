@@ -25,6 +25,7 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     pub wakeup_bytes: u64,
     pub stack_entries: u32,
+    pub kernel_stacks: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -67,7 +68,7 @@ impl Kernel {
         raise_memlock();
         let config = Config {
             filter_tgid: opts.filter_tgid.unwrap_or(0),
-            configured: 1,
+            kernel_stacks: u32::from(opts.kernel_stacks),
             wakeup_bytes: opts.wakeup_bytes,
         };
         let mut ebpf = EbpfLoader::new()
