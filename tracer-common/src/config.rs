@@ -34,6 +34,11 @@ pub struct KernelOffsets {
     pub socket_sk: u32,
     /// `sock_common.skc_state` (one byte).
     pub skc_state: u32,
+    /// `file.f_ref` (6.13+) or `file.f_count`: the file's reference count.
+    pub file_ref: u32,
+    /// The count's value when exactly one reference is held (0 for
+    /// `f_ref`'s file_ref_t, 1 for the older `f_count`).
+    pub file_ref_one: u32,
     /// Address of `socket_file_ops` from kallsyms, 0 if hidden: then a file
     /// is taken to be a socket when `socket->file` points back at it.
     pub socket_file_ops: u64,
@@ -60,5 +65,5 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);

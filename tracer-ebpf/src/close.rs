@@ -6,9 +6,9 @@
 //! the state hook shows whether it did.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
-use tracer_common::{stats, tcp, EventKind, FdEvent};
+use tracer_common::{stats, EventKind, FdEvent};
 
-use crate::{config, config::off, emit, fdsock, maps, maps::Counters};
+use crate::{config, emit, fdsock, maps, maps::Counters};
 
 const FD_OFFSET: usize = 16;
 const MAX_FD_OFFSET: usize = 24;
@@ -80,10 +80,11 @@ fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32) {
         return;
     };
     let mut header = emit::header(EventKind::Close as u32, fdsock::cookie_of(sk), sk);
-    // Stacks cost a frame-pointer walk and a hash each; a close only needs
-    // one as evidence when it closes a socket whose peer already left
-    // (CLOSE_WAIT): the late close, or the fd released while others hold it.
-    if unsafe { fdsock::read::<u8>(sk, off!(skc_state)) }.is_ok_and(|s| s == tcp::CLOSE_WAIT) {
+    // Stacks cost a frame-pointer walk and a hash each; a close gets one
+    // only when it is evidence: the late close of a reported leak, or a
+    // close that releases an fd while the socket stays open (the file is
+    // shared after dup or fork) and is or may become a leak.
+    if maps::REPORTED.get_ptr(&header.cookie).is_some() || fdsock::file_shared(fds, fd) {
         emit::take_stacks(ctx, &mut header, Counters::Syscall);
     }
     emit::send(

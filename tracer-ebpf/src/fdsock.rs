@@ -91,6 +91,14 @@ unsafe fn tcp_sock_inner(fds: u64, fd: u32) -> Result<Option<u64>, Fault> {
     }
 }
 
+/// Whether `fd`'s file has other references (dup, fork): closing this fd
+/// will not release the socket.
+#[inline(always)]
+pub fn file_shared(fds: u64, fd: u32) -> bool {
+    let r = unsafe { read::<u64>(fds, fd * 8).and_then(|file| read::<i64>(file, off!(file_ref))) };
+    r.is_ok_and(|refs| refs > i64::from(off!(file_ref_one)))
+}
+
 /// The cookie the kernel already assigned to `sk`, or 0 if none yet. Every
 /// socket that changed state while we were attached has one (the state hook
 /// asks for it), so 0 only happens for sockets older than the tracer; the

@@ -15,6 +15,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
+/// Cookies the agent has reported as leaked: their close is evidence (the
+/// late close), so it gets a stack. Removed when the socket is destroyed.
+#[map]
+pub static REPORTED: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
+
 /// Loss and volume counters, indexed by `tracer_common::stats`.
 /// Two sets: one for the state hook, one for the syscall hooks. A softirq
 /// state change can interrupt a syscall hook on the same CPU, so sharing

@@ -77,9 +77,12 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
     }
     emit::send(&ev, Counters::State);
 
-    if filter != 0 && newstate == tcp::CLOSE {
-        // The socket is gone; free its slot for the next one.
-        let _ = maps::WATCH.remove(&cookie);
+    if newstate == tcp::CLOSE {
+        // The socket is gone; free its slots for the next one.
+        if filter != 0 {
+            let _ = maps::WATCH.remove(&cookie);
+        }
+        let _ = maps::REPORTED.remove(&cookie);
     }
     Ok(())
 }

@@ -30,6 +30,8 @@ pub struct Engine {
     kernel_stats: KernelStats,
     print_events: bool,
     wall: WallClock,
+    /// Cookies reported as leaked since the last `take_reported`.
+    reported: Vec<u64>,
     start_ns: Option<u64>,
     now_ns: u64,
 }
@@ -45,6 +47,7 @@ impl Engine {
             kernel_stats: KernelStats::default(),
             print_events,
             wall,
+            reported: Vec::new(),
             start_ns: None,
             now_ns: 0,
         }
@@ -55,6 +58,12 @@ impl Engine {
     /// ahead of the tick that reports them.
     pub fn due_leaks(&self, now_ns: u64) -> Vec<u64> {
         self.corr.due(now_ns)
+    }
+
+    /// Leaks reported since the last call (live tracing tells the kernel,
+    /// so their late close is captured with a stack).
+    pub fn take_reported(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.reported)
     }
 
     pub fn current_leak_cookies(&self) -> Vec<u64> {
@@ -130,7 +139,10 @@ impl Engine {
         let verdicts = std::mem::take(&mut self.verdicts);
         for v in &verdicts {
             match v {
-                Verdict::Leak(l) => sink.leak(&self.leak_out(l))?,
+                Verdict::Leak(l) => {
+                    self.reported.push(l.cookie);
+                    sink.leak(&self.leak_out(l))?
+                }
                 Verdict::LateClose {
                     leak,
                     closed_after_ns,

@@ -178,7 +178,13 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
                 if let Ok(mut g) = guard { g.clear_ready(); }
                 s.drain(&mut kernel)
             }
-            _ = tick.tick() => s.drain(&mut kernel).and_then(|()| s.tick(&kernel, clock::monotonic_ns())),
+            _ = tick.tick() => {
+                let r = s.drain(&mut kernel).and_then(|()| s.tick(&kernel, clock::monotonic_ns()));
+                for cookie in s.engine.take_reported() {
+                    kernel.mark_reported(cookie);
+                }
+                r
+            }
             _ = status_tick.tick() => s.status(&kernel, &output),
             _ = &mut until_deadline => break "duration",
             _ = sigint.recv() => break "signal",

@@ -56,14 +56,16 @@ pub struct Kernel {
     pub events: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
     watch: HashMap<MapData, u64, u32>,
+    reported: HashMap<MapData, u64, u8>,
     stacks: StackTraceMap<MapData>,
     pub hooks: Vec<HookStatus>,
 }
 
 impl Kernel {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        let btf_raw = offsets::load_btf()?;
-        let offs = offsets::resolve(&btf_raw)?;
+        // Parsed, used and dropped before aya parses the same BTF again: the
+        // two parsed copies together would set the agent's peak memory.
+        let offs = offsets::resolve(&offsets::load_btf()?)?;
         let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
         raise_memlock();
         let config = Config {
@@ -111,12 +113,14 @@ impl Kernel {
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
         let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map")?)?;
+        let reported = HashMap::try_from(ebpf.take_map("REPORTED").context("REPORTED map")?)?;
         Ok(Self {
             _ebpf: ebpf,
             _logger: logger,
             events,
             stats,
             watch,
+            reported,
             stacks,
             hooks,
         })
@@ -142,6 +146,12 @@ impl Kernel {
                 log::debug!("detaching {}: {e:#}", hook.program);
             }
         }
+    }
+
+    /// Marks a socket as reported leaked, so its eventual close is captured
+    /// with a stack. A full map only loses that stack.
+    pub fn mark_reported(&mut self, cookie: u64) {
+        let _ = self.reported.insert(cookie, 1, 0);
     }
 
     /// Adds a socket to the `--pid` watch list (sockets that predate us).

@@ -45,6 +45,10 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         socket_file: f("socket", "file")?,
         socket_sk: f("socket", "sk")?,
         skc_state: f("sock_common", "skc_state")?,
+        file_ref: field_offset(btf, "file", "f_ref")
+            .or_else(|_| field_offset(btf, "file", "f_count"))
+            .context("kernel BTF: file.f_ref / file.f_count")?,
+        file_ref_one: u32::from(field_offset(btf, "file", "f_ref").is_err()),
         socket_file_ops: kallsyms_address("socket_file_ops").unwrap_or(0),
     })
 }
