@@ -63,6 +63,11 @@ impl Observer {
     pub fn is_peer(&self) -> bool {
         matches!(self, Observer::Bcc(_) | Observer::Bpftrace(_) | Observer::Strace(_))
     }
+
+    /// Runs eBPF programs, whose kernel time the accounting run measures.
+    pub fn uses_ebpf(&self) -> bool {
+        matches!(self, Observer::Tracer(_) | Observer::Bcc(_) | Observer::Bpftrace(_))
+    }
 }
 
 /// A running observer (strace excepted: it runs as the client).

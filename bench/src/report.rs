@@ -89,15 +89,20 @@ pub fn rows(configs: &[Config], results: &[RunResult]) -> Vec<Row> {
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let all: Vec<&RunResult> = results.iter().filter(|r| r.config == i).collect();
+            let mine = results.iter().filter(|r| r.config == i);
+            // Throughput and the agent's numbers come from the plain runs;
+            // eBPF CPU only from the accounting run (which slows the hooks).
+            let all: Vec<&RunResult> = mine.clone().filter(|r| !r.accounting).collect();
             let ok: Vec<&RunResult> = all.iter().copied().filter(|r| r.error.is_none()).collect();
+            let accounted: Vec<&RunResult> = mine.filter(|r| r.accounting && r.error.is_none()).collect();
             let med = |f: &dyn Fn(&RunResult) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)));
             let per_conn = median(ok.iter().filter_map(|r| match (r.received, r.connections) {
                 (Some(rx), Some(n)) if n > 0 => Some(rx as f64 / n as f64),
                 _ => None,
             }));
-            let drops: Vec<u64> = ok.iter().filter_map(|r| r.drops).collect();
-            let missing: Vec<u64> = ok.iter().filter_map(|r| r.missing).collect();
+            // Losses count in every run, the accounting run included.
+            let drops: Vec<u64> = ok.iter().chain(&accounted).filter_map(|r| r.drops).collect();
+            let missing: Vec<u64> = ok.iter().chain(&accounted).filter_map(|r| r.missing).collect();
             Row {
                 workload: c.workload.name(),
                 label: c.label(),
@@ -114,7 +119,7 @@ pub fn rows(configs: &[Config], results: &[RunResult]) -> Vec<Row> {
                 missing: (!missing.is_empty()).then(|| missing.iter().sum()),
                 agent_start_s: med(&|r| r.agent_start_s),
                 agent_cpu_s: med(&|r| r.agent_cpu_s),
-                bpf_cpu_s: med(&|r| r.bpf_cpu_s),
+                bpf_cpu_s: median(accounted.iter().filter_map(|r| r.bpf_cpu_s)),
                 agent_peak_rss_kib: ok.iter().filter_map(|r| r.agent_peak_rss_kib).max(),
                 output_bytes: med(&|r| r.output_bytes.map(|n| n as f64)),
                 leaks_reported: med(&|r| r.leaks_reported.map(|n| n as f64)),
@@ -241,7 +246,12 @@ pub fn markdown(d: &Document) -> String {
 
     let _ = writeln!(
         o,
-        "\nColumns: see docs/bench.md. n/a: the configuration cannot tell (text output, strace), or the runs failed."
+        "\nColumns: see docs/bench.md. n/a: the configuration cannot tell (text output, strace), or the runs failed.{}",
+        if s.bpf_stats {
+            " eBPF CPU comes from one extra run per configuration with the kernel's eBPF accounting on; that run's throughput is left out, since the accounting slows every hook."
+        } else {
+            " eBPF CPU: n/a (--no-bpf-stats: no accounting run)."
+        }
     );
     if !d.skipped.is_empty() {
         let _ = writeln!(o, "\nSkipped:");
@@ -254,7 +264,12 @@ pub fn markdown(d: &Document) -> String {
     let mut notes: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for r in d.results {
         for n in &r.notes {
-            notes.entry((r.label.clone(), n.clone())).or_default().push(r.run + 1);
+            let label = if r.accounting {
+                format!("{} (accounting run)", r.label)
+            } else {
+                r.label.clone()
+            };
+            notes.entry((label, n.clone())).or_default().push(r.run + 1);
         }
     }
     if !notes.is_empty() {
@@ -268,12 +283,16 @@ pub fn markdown(d: &Document) -> String {
     if !failures.is_empty() {
         let _ = writeln!(o, "\nFailed runs:");
         for r in failures {
+            let run = if r.accounting {
+                "accounting run".to_owned()
+            } else {
+                format!("run {}", r.run + 1)
+            };
             let _ = writeln!(
                 o,
-                "- {} · {}, run {}: {}",
+                "- {} · {}, {run}: {}",
                 r.workload,
                 r.label,
-                r.run + 1,
                 r.error.as_deref().unwrap_or("?")
             );
         }
@@ -334,6 +353,44 @@ mod tests {
             conn_per_sec: Some(cps),
             ..RunResult::default()
         }
+    }
+
+    #[test]
+    fn accounting_run_gives_ebpf_cpu_but_not_throughput() {
+        let configs = [
+            Config {
+                workload: Workload::Churn,
+                observer: Observer::Baseline,
+                leak_after: None,
+            },
+            Config {
+                workload: Workload::Churn,
+                observer: Observer::Tracer(TracerKind::Json),
+                leak_after: None,
+            },
+        ];
+        let plain = RunResult {
+            bpf_cpu_s: None,
+            drops: Some(1),
+            ..result(1, 0, 80.0)
+        };
+        let accounting = RunResult {
+            accounting: true,
+            bpf_cpu_s: Some(0.5),
+            drops: Some(2),
+            ..result(1, 1, 10.0)
+        };
+        let results = [result(0, 0, 100.0), plain, accounting];
+        let rows = rows(&configs, &results);
+        assert_eq!(
+            rows[1].conn_per_sec,
+            Some(80.0),
+            "the accounting run's throughput is left out"
+        );
+        assert_eq!(rows[1].vs_baseline, Some(0.8));
+        assert_eq!((rows[1].runs_ok, rows[1].runs), (1, 1));
+        assert_eq!(rows[1].bpf_cpu_s, Some(0.5));
+        assert_eq!(rows[1].drops, Some(3), "losses count in every run");
     }
 
     #[test]

@@ -1019,7 +1019,12 @@ fn jsonl_facts(jsonl: &Ran) -> JsonlFacts {
                         left_close_wait.insert(cookie);
                     }
                 }
-                seen.insert(cookie);
+                // 0: an fd event for a socket the kernel had not given a
+                // cookie yet (it predates the tracer and changed no state
+                // since); not an identity, so no span of its own.
+                if cookie != 0 || kind == Some("state") {
+                    seen.insert(cookie);
+                }
             }
             "snapshot" => {
                 let sockets = r

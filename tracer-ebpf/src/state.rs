@@ -31,15 +31,19 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate: u8) -> Result<(), Fault> {
     let base = sk as u64;
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // With --pid, most state changes are other processes': the watch-map
+    // lookup comes before any read of the socket.
+    let filter = config::filter_tgid();
+    if filter != 0 && !maybe_watched(cookie, filter, newstate) {
+        return Ok(());
+    }
     let proto: u16 = unsafe { read(base, off!(sk_protocol))? };
     if proto != tcp::IPPROTO_TCP {
         return Ok(());
     }
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-
-    let filter = config::filter_tgid();
-    if filter != 0 && !watched(cookie, filter, newstate) {
-        return Ok(());
+    if filter != 0 {
+        watch_new(cookie, filter, newstate);
     }
 
     let family: u16 = unsafe { read(base, off!(skc_family))? };
@@ -87,20 +91,27 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
     Ok(())
 }
 
-/// With `--pid`: is this socket the watched process's? A connect by the
-/// watched process (CLOSE -> SYN_SENT runs in its own syscall) adds the
-/// socket; later changes are matched by cookie, whichever task runs them.
+/// With `--pid`: can this socket be the watched process's? Either it is
+/// watched, or the watched process is connecting it (CLOSE -> SYN_SENT runs
+/// in its own syscall). Later changes are matched by cookie, whichever task
+/// runs them.
 #[inline(always)]
-fn watched(cookie: u64, filter: u32, newstate: u8) -> bool {
-    if maps::WATCH.get_ptr(&cookie).is_some() {
-        return true;
+fn maybe_watched(cookie: u64, filter: u32, newstate: u8) -> bool {
+    maps::WATCH.get_ptr(&cookie).is_some() || (newstate == tcp::SYN_SENT && current_tgid() == filter)
+}
+
+/// Adds a TCP socket the watched process is connecting to the watch map.
+#[inline(always)]
+fn watch_new(cookie: u64, filter: u32, newstate: u8) {
+    if newstate != tcp::SYN_SENT || current_tgid() != filter || maps::WATCH.get_ptr(&cookie).is_some() {
+        return;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if newstate == tcp::SYN_SENT && tgid == filter {
-        if maps::WATCH.insert(&cookie, &tgid, 0).is_err() {
-            maps::count(Counters::State, stats::WATCH_FULL);
-        }
-        return true;
+    if maps::WATCH.insert(&cookie, &filter, 0).is_err() {
+        maps::count(Counters::State, stats::WATCH_FULL);
     }
-    false
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
 }

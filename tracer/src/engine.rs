@@ -89,6 +89,7 @@ impl Engine {
             }
             Input::Snapshot(s) => {
                 self.advance(s.ns);
+                self.corr.reserve_snapshot(s.sockets.len());
                 for sock in &s.sockets {
                     self.corr.on_snapshot(sock, s.ns);
                 }

@@ -77,6 +77,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         stack_entries: args.stack_entries,
         kernel_stacks: args.kernel_stacks,
     })?;
+    release_freed_memory();
     // Open the pidfd before the snapshot so an exit in between is not lost.
     let pidfd = args.pid.map(pidfd_open).transpose()?;
 
@@ -117,6 +118,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     }
     s.inputs.push(Input::Snapshot(snap));
     s.flush_inputs()?;
+    release_freed_memory();
     s.sink.start(&Start {
         hooks: kernel.hooks.clone(),
         filter_pid: args.pid,
@@ -285,6 +287,15 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInpu
             .collect();
     }
     Ok(SnapshotInput { ns, sockets: snap })
+}
+
+/// Gives the heap's free pages back to the kernel. Start-up parses the
+/// kernel's BTF (tens of MiB) and may read a snapshot of 100k+ sockets,
+/// then frees them; without this the freed pages stay resident for the
+/// whole trace.
+fn release_freed_memory() {
+    // SAFETY: glibc's malloc_trim only returns free memory to the kernel.
+    unsafe { libc::malloc_trim(0) };
 }
 
 fn pidfd_open(pid: u32) -> Result<OwnedFd> {

@@ -32,12 +32,19 @@ pub struct DiagSocket {
 
 /// Every IPv4 and IPv6 TCP socket in one of `states`.
 pub fn dump_tcp(states: StateFlags) -> Result<Vec<DiagSocket>> {
-    let mut out = dump_family(AF_INET, states)?;
-    out.extend(dump_family(AF_INET6, states)?);
+    let mut out = Vec::new();
+    for_each_tcp(states, |s| out.push(s))?;
     Ok(out)
 }
 
-fn dump_family(family: u8, states: StateFlags) -> Result<Vec<DiagSocket>> {
+/// Each IPv4 and IPv6 TCP socket in one of `states`, as the dump arrives:
+/// nothing is collected that the caller does not keep.
+pub fn for_each_tcp(states: StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
+    dump_family(AF_INET, states, &mut each)?;
+    dump_family(AF_INET6, states, &mut each)
+}
+
+fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
     socket.bind_auto().context("binding the sock_diag socket")?;
     socket
@@ -67,7 +74,6 @@ fn dump_family(family: u8, states: StateFlags) -> Result<Vec<DiagSocket>> {
     packet.serialize(&mut buf);
     socket.send(&buf, 0).context("sending the sock_diag request")?;
 
-    let mut out = Vec::new();
     let mut rx = Vec::with_capacity(64 * 1024);
     loop {
         rx.clear();
@@ -81,8 +87,8 @@ fn dump_family(family: u8, states: StateFlags) -> Result<Vec<DiagSocket>> {
                 .map_err(|e| anyhow!("bad sock_diag message: {e}"))?;
             let len = msg.header.length as usize;
             match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => out.push(convert(&r)),
-                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(convert(&r)),
+                NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => bail!("sock_diag error: {e}"),
                 _ => {}
             }
@@ -120,29 +126,36 @@ fn convert(r: &InetResponse) -> DiagSocket {
 /// Existing sockets with their holders; with `only_pid`, just that
 /// process's sockets.
 pub fn take(only_pid: Option<u32>) -> Result<Vec<SnapshotSocket>> {
-    // TIME_WAIT entries are kernel-owned remnants, never a process's socket.
-    let sockets = dump_tcp(StateFlags::all() - StateFlags::TIME_WAIT)?;
-    let holders = procs::socket_holders(only_pid);
-    let mut comms = std::collections::HashMap::new();
+    // Converted as the dump arrives, keeping only the inodes aside: on a
+    // host with 100k+ sockets a second full list would set the agent's peak
+    // memory. The dump comes first, right after the hooks are attached,
+    // which keeps the window for sockets that change unseen short.
     let mut out = Vec::new();
-    for s in sockets {
-        let holder = holders.get(&s.inode).and_then(|h| h.first()).copied();
-        if only_pid.is_some() && holder.is_none() {
-            continue;
-        }
+    let mut inodes = Vec::new();
+    // TIME_WAIT entries are kernel-owned remnants, never a process's socket.
+    for_each_tcp(StateFlags::all() - StateFlags::TIME_WAIT, |s| {
+        inodes.push(s.inode);
         out.push(SnapshotSocket {
             cookie: s.cookie,
             state: s.state,
             endpoints: s.endpoints,
-            holder: holder.map(|h| {
-                (
-                    h.pid,
-                    *comms.entry(h.pid).or_insert_with(|| procs::comm_of(h.pid)),
-                    h.fd,
-                )
-            }),
+            holder: None,
             last_ack_age_ns: s.last_ack_age_ms.map(|ms| u64::from(ms) * 1_000_000),
         });
+    })?;
+    let holders = procs::socket_holders(only_pid);
+    let mut comms = std::collections::HashMap::new();
+    for (sock, inode) in out.iter_mut().zip(&inodes) {
+        sock.holder = holders.get(inode).and_then(|h| h.first()).map(|h| {
+            (
+                h.pid,
+                *comms.entry(h.pid).or_insert_with(|| procs::comm_of(h.pid)),
+                h.fd,
+            )
+        });
+    }
+    if only_pid.is_some() {
+        out.retain(|s| s.holder.is_some());
     }
     Ok(out)
 }

@@ -3,15 +3,17 @@
 //! because a leak is the absence of an event.
 
 mod socket;
+mod table;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 pub use socket::{CloseCall, Comm, Endpoints, LeakReport, Owner, OwnerSource, Since, Socket, StackRef, Verdict};
-use tracer_common::{tcp, FdEvent, Header, StateEvent};
+use tracer_common::{tcp, FdEvent, StateEvent};
 
 use crate::decode::Event;
+use table::Table;
 
 /// A socket found by the start-up snapshot (sock_diag + /proc).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -46,68 +48,12 @@ pub struct Correlator {
     stats: CorrelatorStats,
 }
 
-/// The bounded socket table.
-struct Table {
-    max_sockets: usize,
-    sockets: HashMap<u64, Socket>,
-    /// `skaddr` -> cookie for live sockets, for fd events whose cookie the
-    /// kernel had not generated yet.
-    by_skaddr: HashMap<u64, u64>,
-}
-
-impl Table {
-    /// The socket's record, created on first sight; None when the table is
-    /// full (counted by the caller's stats).
-    fn entry(&mut self, cookie: u64, skaddr: u64, stats: &mut CorrelatorStats) -> Option<&mut Socket> {
-        if !self.sockets.contains_key(&cookie) {
-            if self.sockets.len() >= self.max_sockets {
-                stats.untracked_table_full += 1;
-                return None;
-            }
-            stats.sockets_seen += 1;
-            self.sockets.insert(cookie, Socket::new(cookie, skaddr));
-            if skaddr != 0 {
-                self.by_skaddr.insert(skaddr, cookie);
-            }
-        }
-        let sock = self.sockets.get_mut(&cookie).expect("inserted above");
-        if skaddr != 0 && sock.skaddr != skaddr {
-            sock.skaddr = skaddr;
-            self.by_skaddr.insert(skaddr, cookie);
-        }
-        Some(sock)
-    }
-
-    /// Finds the socket an fd event names, creating it if we have never seen
-    /// it (it predates us and the snapshot missed it).
-    fn fd_socket(&mut self, h: &Header, stats: &mut CorrelatorStats) -> Option<&mut Socket> {
-        let cookie = if h.cookie != 0 {
-            h.cookie
-        } else {
-            *self.by_skaddr.get(&h.skaddr)?
-        };
-        self.entry(cookie, h.skaddr, stats)
-    }
-
-    fn remove(&mut self, cookie: u64) {
-        if let Some(sock) = self.sockets.remove(&cookie) {
-            if self.by_skaddr.get(&sock.skaddr) == Some(&cookie) {
-                self.by_skaddr.remove(&sock.skaddr);
-            }
-        }
-    }
-}
-
 impl Correlator {
     pub fn new(leak_after_ns: u64, filter_pid: Option<u32>, max_sockets: usize) -> Self {
         Correlator {
             leak_after_ns,
             filter_pid,
-            table: Table {
-                max_sockets,
-                sockets: HashMap::new(),
-                by_skaddr: HashMap::new(),
-            },
+            table: Table::new(max_sockets),
             pending: BTreeSet::new(),
             stats: CorrelatorStats::default(),
         }
@@ -115,7 +61,7 @@ impl Correlator {
 
     pub fn stats(&self) -> CorrelatorStats {
         CorrelatorStats {
-            sockets_tracked: self.table.sockets.len(),
+            sockets_tracked: self.table.len(),
             ..self.stats
         }
     }
@@ -134,9 +80,21 @@ impl Correlator {
         }
     }
 
+    /// Room for a snapshot of `n` sockets.
+    pub fn reserve_snapshot(&mut self, n: usize) {
+        self.table.reserve_quiet(n);
+    }
+
     /// A socket that existed before tracing started. Its state is as of
     /// `now_ns`; older events for it only add ownership.
     pub fn on_snapshot(&mut self, snap: &SnapshotSocket, now_ns: u64) {
+        if snap.state != tcp::CLOSE_WAIT && !self.table.is_full(snap.cookie) {
+            // Until its first event only its holder matters (endpoints
+            // come with every state change).
+            self.table
+                .insert_quiet(snap.cookie, snap.state, snap.holder, now_ns, &mut self.stats);
+            return;
+        }
         let Some(sock) = self.table.entry(snap.cookie, 0, &mut self.stats) else {
             return;
         };

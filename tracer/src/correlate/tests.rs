@@ -386,3 +386,87 @@ fn re_entering_close_wait_keeps_one_pending_entry() {
     c.sweep(50_500 * MS + LEAK_AFTER, &mut out);
     assert_eq!(leaks(&out).len(), 1);
 }
+
+fn established_snapshot(cookie: u64, holder: u32, fd: i32) -> SnapshotSocket {
+    SnapshotSocket {
+        cookie,
+        state: tcp::ESTABLISHED,
+        endpoints: Endpoints {
+            local: "127.0.0.1:4000".parse().unwrap(),
+            remote: "127.0.0.1:80".parse().unwrap(),
+        },
+        holder: Some((holder, Comm::from_str("client"), fd)),
+        last_ack_age_ns: None,
+    }
+}
+
+#[test]
+fn established_at_start_then_leaked_keeps_its_snapshot_holder() {
+    // Kept compactly until its first event, then promoted: the FIN arrives
+    // in the server's context, but the owner stays the snapshot's holder.
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = vec![];
+    let now = 50_000 * MS;
+    c.reserve_snapshot(1);
+    c.on_snapshot(&established_snapshot(9, CLIENT, 7), now);
+    assert_eq!(c.stats().sockets_tracked, 1);
+    assert!(c.socket(9).is_none(), "no full record before its first event");
+    c.on_event(
+        &state(60_000, SERVER, 9, 0xc9, tcp::ESTABLISHED, tcp::CLOSE_WAIT),
+        &mut out,
+    );
+    c.sweep(60_000 * MS + LEAK_AFTER, &mut out);
+    let l = leaks(&out);
+    assert_eq!(l.len(), 1);
+    assert_eq!(
+        l[0].owner.map(|o| (o.pid, o.source)),
+        Some((CLIENT, OwnerSource::Snapshot))
+    );
+    assert_eq!(l[0].fd, Some(7));
+    assert!(!l[0].since.estimated);
+    assert_eq!(
+        l[0].endpoints.map(|e| e.local.port()),
+        Some(40009),
+        "endpoints come from the event"
+    );
+    assert_eq!(c.stats().sockets_tracked, 1);
+}
+
+#[test]
+fn event_older_than_the_snapshot_does_not_roll_a_quiet_socket_back() {
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = vec![];
+    c.on_snapshot(&established_snapshot(9, CLIENT, 7), 50_000 * MS);
+    // Drained after the snapshot, but it happened before it.
+    c.on_event(
+        &state(49_000, SERVER, 9, 0xc9, tcp::SYN_RECV, tcp::ESTABLISHED),
+        &mut out,
+    );
+    let s = c.socket(9).expect("promoted by its event");
+    assert_eq!(s.state, tcp::ESTABLISHED);
+    assert_eq!(s.state_ns, 50_000 * MS);
+    c.on_event(
+        &state(51_000, CLIENT, 9, 0xc9, tcp::ESTABLISHED, tcp::FIN_WAIT1),
+        &mut out,
+    );
+    c.on_event(&state(51_001, CLIENT, 9, 0xc9, tcp::FIN_WAIT1, tcp::CLOSE), &mut out);
+    assert!(c.socket(9).is_none());
+    assert_eq!(c.stats().sockets_tracked, 0);
+}
+
+#[test]
+fn quiet_sockets_count_against_the_bound() {
+    let mut c = Correlator::new(LEAK_AFTER, None, 2);
+    let mut out = vec![];
+    for cookie in 1..=3 {
+        c.on_snapshot(&established_snapshot(cookie, CLIENT, cookie as i32), 0);
+    }
+    assert_eq!(c.stats().sockets_tracked, 2);
+    assert_eq!(c.stats().untracked_table_full, 1);
+    // Promoting a quiet socket takes no new room; a new socket finds none.
+    c.on_event(&state(1, SERVER, 1, 0xa1, tcp::ESTABLISHED, tcp::CLOSE_WAIT), &mut out);
+    c.on_event(&state(1, CLIENT, 4, 0xa4, tcp::CLOSE, tcp::SYN_SENT), &mut out);
+    assert!(c.socket(1).is_some());
+    assert!(c.socket(4).is_none());
+    assert_eq!(c.stats().untracked_table_full, 2);
+}

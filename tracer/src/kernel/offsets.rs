@@ -96,8 +96,11 @@ fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32, dep
 /// A data symbol's address from /proc/kallsyms, if visible (root and
 /// `kptr_restrict` permitting; otherwise the file shows zeros).
 fn kallsyms_address(symbol: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
-    text.lines().find_map(|line| {
+    use std::io::BufRead;
+    // Streamed: the whole file is ~8 MiB, and it is read while the parsed
+    // BTF is alive, where the agent's memory peaks.
+    let file = std::io::BufReader::new(std::fs::File::open("/proc/kallsyms").ok()?);
+    file.lines().map_while(Result::ok).find_map(|line| {
         let mut it = line.split_whitespace();
         let addr = it.next()?;
         let _kind = it.next()?;
