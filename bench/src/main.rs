@@ -405,6 +405,7 @@ fn configurations(s: &Settings, peers: Vec<Observer>) -> Vec<Config> {
         plain(Workload::Churn, Observer::Tracer(TracerKind::Json)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Record)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::PidFilter)),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::NoStacks)),
     ];
     v.extend(peers.into_iter().map(|p| plain(Workload::Churn, p)));
     v.push(plain(Workload::ChurnLeak, Observer::Baseline));

@@ -42,6 +42,8 @@ pub enum TracerKind {
     Record,
     /// `tracer live --json --pid PID` of an idle, unrelated process.
     PidFilter,
+    /// `tracer live --json --no-stacks`: what the open stacks cost.
+    NoStacks,
 }
 
 impl Observer {
@@ -53,6 +55,7 @@ impl Observer {
             Observer::Tracer(TracerKind::Json) => format!("tracer live --json{extra}"),
             Observer::Tracer(TracerKind::Record) => format!("tracer record{extra}"),
             Observer::Tracer(TracerKind::PidFilter) => format!("tracer live --json --pid <idle>{extra}"),
+            Observer::Tracer(TracerKind::NoStacks) => format!("tracer live --json --no-stacks{extra}"),
             Observer::Bcc(_) => "bcc tcpstates".into(),
             Observer::Bpftrace(_) => "bpftrace one-liner".into(),
             Observer::Strace(_) => "strace -f (client)".into(),
@@ -154,7 +157,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
             cmd.arg("live");
             None
         }
-        TracerKind::Json | TracerKind::PidFilter => {
+        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks => {
             cmd.args(["live", "--json"]);
             Some(s.tmp.join(format!("{}.jsonl", s.stem)))
         }
@@ -164,6 +167,9 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
             Some(path)
         }
     };
+    if kind == TracerKind::NoStacks {
+        cmd.arg("--no-stacks");
+    }
     if kind == TracerKind::PidFilter {
         let pid = s.pid.context("no idle process for --pid")?;
         cmd.args(["--pid", &pid.to_string()]);
@@ -172,7 +178,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
         cmd.args(["--leak-after", l]);
     }
     let out = match (&output, kind) {
-        (Some(path), TracerKind::Json | TracerKind::PidFilter) => {
+        (Some(path), TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks) => {
             Out::File(File::create(path).with_context(|| format!("creating {}", path.display()))?)
         }
         _ => Out::Null,
@@ -186,7 +192,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
         TracerKind::Record => p.wait_until("its 'tracer: recording to' line", READY_TIMEOUT, |p| {
             p.stderr_line("tracer: recording to").is_some()
         })?,
-        TracerKind::Json | TracerKind::PidFilter => {
+        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks => {
             let path = output.clone().expect("json output");
             p.wait_until("its start line", READY_TIMEOUT, |_| first_line_is_start(&path))?
         }
@@ -307,6 +313,7 @@ pub fn summary_counters(jsonl: &str) -> Result<Counters> {
     }
     for (key, what) in [
         ("/kernel/stack_errors", "stacks lost"),
+        ("/kernel/stacks_sampled_out", "open stacks sampled out (--stack-rate)"),
         ("/kernel/watch_full", "watch map full"),
         ("/agent/untracked_table_full", "sockets untracked (table full)"),
         ("/decode_errors", "decode errors"),

@@ -313,6 +313,37 @@ fn kernel_stacks_on_request() {
 }
 
 #[test]
+fn no_stacks_still_finds_every_leak() {
+    if !require_privileges() {
+        return;
+    }
+    let setup = setup_with(&["--no-stacks"]);
+    let (client, socks) = leaky_client(&setup.server_addr, &["--read"]);
+    let port = setup.port;
+    let fin = Finished::new(setup);
+    let ctx = &fin.ctx;
+    let leaks = fin.leaks(port);
+    assert_eq!(
+        leaks.summary.len(),
+        socks.len(),
+        "every leak is still found without stacks\n{ctx}"
+    );
+    for e in leaks.all() {
+        assert_eq!(e.leak.pid, client.pid(), "owner: {}\n{ctx}", e.leak.json);
+        assert!(
+            e.open_stack.is_empty(),
+            "--no-stacks, yet an open stack:\n{}\n{ctx}",
+            format_stack(&e.open_stack)
+        );
+        assert!(
+            e.open_stack_error.as_deref().is_some_and(|m| m.contains("--no-stacks")),
+            "open_stack_error should say stacks were off: {:?}\n{ctx}",
+            e.open_stack_error
+        );
+    }
+}
+
+#[test]
 fn unread_bytes_match_recv_q() {
     if !require_privileges() {
         return;

@@ -597,7 +597,11 @@ fn pid_exit_ends_trace() {
 fn bad_input_is_one_line_error() {
     // Runs without root: argument errors must come before any privileged
     // work (and are reported the same way as root).
-    let cases: [&[&str]; 2] = [&["live", "--pid", "999999999"], &["live", "--leak-after", "banana"]];
+    let cases: [&[&str]; 3] = [
+        &["live", "--pid", "999999999"],
+        &["live", "--leak-after", "banana"],
+        &["live", "--no-stacks", "--kernel-stacks"],
+    ];
     for args in cases {
         // The message must not depend on how the user's shell is set up.
         for backtrace in [None, Some("1")] {

@@ -50,13 +50,24 @@ pub struct KernelOffsets {
 pub struct Config {
     /// Only this process's sockets (0 = every process).
     pub filter_tgid: u32,
-    /// 1: also capture kernel stacks (each costs an unwinder walk, ~5 µs;
-    /// user stacks are always taken where they are evidence).
-    pub kernel_stacks: u32,
+    /// Which stacks to capture where they are evidence: [`STACKS_USER`]
+    /// (the default; a frame-pointer walk, ~3 µs) and [`STACKS_KERNEL`]
+    /// (an unwinder walk, ~5 µs). 0 with `--no-stacks`.
+    pub stacks: u32,
     /// Wake the reader only once this many bytes are waiting; below it the
     /// reader drains on its own timer. Per-event wakeups cost ~1.5 µs each.
     pub wakeup_bytes: u64,
+    /// Open stacks (connect, accept) per process and CPU per second, with a
+    /// burst of as many; beyond it opens are sampled out (counted). 0: no
+    /// limit.
+    pub stack_rate: u32,
+    pub _pad: u32,
 }
+
+/// [`Config::stacks`] bit: capture user stacks.
+pub const STACKS_USER: u32 = 1;
+/// [`Config::stacks`] bit: capture kernel stacks too.
+pub const STACKS_KERNEL: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -66,4 +77,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);

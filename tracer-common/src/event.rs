@@ -57,6 +57,12 @@ pub struct Header {
 
 /// Stack id value meaning "no stack was taken for this event".
 pub const NO_STACK: i32 = i32::MIN;
+/// Stack id value meaning "this event would have had a stack, but stacks
+/// were turned off (`--no-stacks`)". Part of the format: never reuse.
+pub const STACKS_OFF: i32 = i32::MIN + 1;
+/// Stack id value meaning "not taken: the process opened sockets faster
+/// than its stack budget (`--stack-rate`)". Part of the format: never reuse.
+pub const STACKS_SAMPLED_OUT: i32 = i32::MIN + 2;
 
 /// A TCP state change.
 #[repr(C)]

@@ -11,5 +11,5 @@ pub mod event;
 pub mod stats;
 pub mod tcp;
 
-pub use config::{Config, KernelOffsets};
-pub use event::{EventKind, FdEvent, Header, StateEvent, COMM_LEN, NO_STACK};
+pub use config::{Config, KernelOffsets, STACKS_KERNEL, STACKS_USER};
+pub use event::{EventKind, FdEvent, Header, StateEvent, COMM_LEN, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT};

@@ -16,4 +16,8 @@ pub const CLOSE_RANGE_TRUNCATED: u32 = 4;
 /// Stack captures that failed (stack map full or hash collision).
 pub const STACK_ERRORS: u32 = 5;
 
-pub const COUNT: u32 = 6;
+/// Open stacks not taken because the process was over its stack budget
+/// (`--stack-rate`): a sample, counted, never a silent gap.
+pub const STACKS_SAMPLED_OUT: u32 = 6;
+
+pub const COUNT: u32 = 7;

@@ -47,7 +47,7 @@ fn handle(ctx: &TracePointContext) {
         maps::count(Counters::Syscall, stats::WATCH_FULL);
     }
     let mut header = emit::header(EventKind::Accept as u32, cookie, sk);
-    emit::take_stacks(ctx, &mut header, Counters::Syscall);
+    emit::take_open_stacks(ctx, &mut header, Counters::Syscall);
     emit::send(
         &FdEvent {
             header,

@@ -30,8 +30,13 @@ pub fn filter_tgid() -> u32 {
 }
 
 #[inline(always)]
-pub fn kernel_stacks() -> bool {
-    volatile(&CONFIG.kernel_stacks) != 0
+pub fn stacks() -> u32 {
+    volatile(&CONFIG.stacks)
+}
+
+#[inline(always)]
+pub fn stack_rate() -> u32 {
+    volatile(&CONFIG.stack_rate)
 }
 
 #[inline(always)]

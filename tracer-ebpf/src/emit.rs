@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     programs::tracing::StackIdContext,
 };
-use tracer_common::{stats, Header, COMM_LEN, NO_STACK};
+use tracer_common::{stats, Header, COMM_LEN, NO_STACK, STACKS_KERNEL, STACKS_OFF, STACKS_SAMPLED_OUT, STACKS_USER};
 
 use crate::{config, maps, maps::Counters};
 
@@ -26,12 +26,65 @@ pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
     }
 }
 
+/// [`take_stacks`] for where a socket is opened (connect, accept), within
+/// the process's stack budget: a stack walk costs ~3 µs, most of what the
+/// tracer costs a process that opens thousands of connections a second,
+/// and its opens mostly come from a few places anyway. Over the budget the
+/// open is marked (and counted) as sampled out.
+#[inline(always)]
+pub fn take_open_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
+    if config::stacks() & STACKS_USER != 0 && !within_budget(h.tgid, h.ktime_ns) {
+        maps::count(set, stats::STACKS_SAMPLED_OUT);
+        h.ustack = STACKS_SAMPLED_OUT;
+        h.kstack = STACKS_SAMPLED_OUT;
+        return;
+    }
+    take_stacks(ctx, h, set);
+}
+
+/// GCRA: one stack per `1/rate` s on average, bursts of up to `rate`, per
+/// process and CPU.
+#[inline(always)]
+fn within_budget(tgid: u32, now: u64) -> bool {
+    let rate = config::stack_rate();
+    if rate == 0 {
+        return true;
+    }
+    let interval = 1_000_000_000 / rate as u64;
+    // Up to `rate` in a burst: a full second's worth.
+    let tolerance = interval * (rate as u64 - 1);
+    match maps::STACK_BUDGET.get_ptr_mut(&tgid) {
+        Some(tat) => {
+            // SAFETY: a valid map value pointer.
+            let t = unsafe { *tat }.max(now);
+            if t - now > tolerance {
+                return false;
+            }
+            unsafe { *tat = t + interval };
+            true
+        }
+        None => {
+            // A full LRU evicts; an insert can only fail under memory
+            // pressure, and then the process just goes unbudgeted.
+            let _ = maps::STACK_BUDGET.insert(&tgid, &(now + interval), 0);
+            true
+        }
+    }
+}
+
 /// Records the current task's user and kernel stacks in the header. Only
 /// called where the task is the socket's user (its own syscall).
 #[inline(always)]
 pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
+    let which = config::stacks();
+    if which & STACKS_USER == 0 {
+        // Marked, so the agent can say why there is no stack.
+        h.ustack = STACKS_OFF;
+        h.kstack = STACKS_OFF;
+        return;
+    }
     h.ustack = stack_id(ctx, BPF_F_USER_STACK as u64, set);
-    if config::kernel_stacks() {
+    if which & STACKS_KERNEL != 0 {
         h.kstack = stack_id(ctx, 0, set);
     }
 }

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use tracer_common::stats;
 
@@ -14,6 +14,14 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Bounded; a full map makes captures fail, counted as STACK_ERRORS.
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Per process (tgid) and CPU: the theoretical arrival time of its next
+/// open stack (GCRA, see `emit::take_open_stacks`). Per CPU so that a
+/// process's threads on different CPUs do not bounce one cache line on
+/// every connect; an LRU, so a process evicted here only starts over with a
+/// full budget.
+#[map]
+pub static STACK_BUDGET: LruPerCpuHashMap<u32, u64> = LruPerCpuHashMap::with_max_entries(8192, 0);
 
 /// Cookies the agent has reported as leaked: their close is evidence (the
 /// late close), so it gets a stack. Removed when the socket is destroyed.

@@ -76,6 +76,8 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         wakeup_bytes: u64::from(args.ring_bytes) / WAKEUP_FRACTION,
         stack_entries: args.stack_entries,
         kernel_stacks: args.kernel_stacks,
+        user_stacks: !args.no_stacks,
+        stack_rate: args.stack_rate,
     })?;
     release_freed_memory();
     // Open the pidfd before the snapshot so an exit in between is not lost.

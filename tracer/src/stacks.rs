@@ -14,7 +14,7 @@ use blazesym::{
     MaybeDefault, Pid,
 };
 use serde::Serialize;
-use tracer_common::NO_STACK;
+use tracer_common::{NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT};
 
 use crate::{
     correlate::StackRef,
@@ -198,6 +198,10 @@ fn raw(ip: u64, kernel: bool, module: Option<String>, offset: Option<String>, re
 pub fn stack_id_error(id: i32) -> String {
     match id {
         NO_STACK => "not captured for this event".into(),
+        STACKS_OFF => "not captured: stacks were off (--no-stacks)".into(),
+        STACKS_SAMPLED_OUT => {
+            "not captured: the process opened sockets faster than its stack budget (--stack-rate); counted in stacks_sampled_out".into()
+        }
         x if x == -libc::EEXIST => "stack map full or hash collision: stack lost (counted in stack_errors)".into(),
         x if x == -libc::EFAULT => "stack could not be read".into(),
         x if x == -libc::ENOMEM => "stack map full: stack lost (counted in stack_errors)".into(),

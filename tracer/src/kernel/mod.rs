@@ -13,7 +13,7 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::{stats, Config};
+use tracer_common::{stats, Config, STACKS_KERNEL, STACKS_USER};
 
 use hooks::{Attach, HOOKS};
 
@@ -26,6 +26,8 @@ pub struct LoadOptions {
     pub wakeup_bytes: u64,
     pub stack_entries: u32,
     pub kernel_stacks: bool,
+    pub user_stacks: bool,
+    pub stack_rate: u32,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -47,6 +49,9 @@ pub struct KernelStats {
     pub fd_unresolved: u64,
     pub close_range_truncated: u64,
     pub stack_errors: u64,
+    /// Open stacks not taken: over the process's `--stack-rate` budget.
+    #[serde(default)]
+    pub stacks_sampled_out: u64,
 }
 
 pub struct Kernel {
@@ -70,8 +75,14 @@ impl Kernel {
         raise_memlock();
         let config = Config {
             filter_tgid: opts.filter_tgid.unwrap_or(0),
-            kernel_stacks: u32::from(opts.kernel_stacks),
+            stacks: match (opts.user_stacks, opts.kernel_stacks) {
+                (false, _) => 0,
+                (true, false) => STACKS_USER,
+                (true, true) => STACKS_USER | STACKS_KERNEL,
+            },
             wakeup_bytes: opts.wakeup_bytes,
+            stack_rate: opts.stack_rate,
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -187,6 +198,7 @@ impl Kernel {
             fd_unresolved: sum(stats::FD_UNRESOLVED)?,
             close_range_truncated: sum(stats::CLOSE_RANGE_TRUNCATED)?,
             stack_errors: sum(stats::STACK_ERRORS)?,
+            stacks_sampled_out: sum(stats::STACKS_SAMPLED_OUT)?,
         })
     }
 
