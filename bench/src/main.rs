@@ -305,11 +305,23 @@ fn run(cli: Cli) -> Result<bool> {
             progress(r)
         );
     };
-    for run in 0..settings.runs {
-        for (i, config) in configs.iter().enumerate() {
-            let r = run_one(&ctx, i, config, run, false);
-            report_progress(config, &r, results.len() + 1);
-            results.push(r);
+    // Interleaved within each workload (ratios compare within one), one
+    // workload after the other: tearing down many-sockets' 200k sockets or
+    // churn-leak's CLOSE_WAIT backlog must not land in another workload's
+    // runs at some positions of a round and not at others.
+    let mut workloads: Vec<Workload> = Vec::new();
+    for c in &configs {
+        if !workloads.contains(&c.workload) {
+            workloads.push(c.workload);
+        }
+    }
+    for workload in workloads {
+        for run in 0..settings.runs {
+            for (i, config) in configs.iter().enumerate().filter(|(_, c)| c.workload == workload) {
+                let r = run_one(&ctx, i, config, run, false);
+                report_progress(config, &r, results.len() + 1);
+                results.push(r);
+            }
         }
     }
     for &i in &accounted {

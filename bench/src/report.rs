@@ -265,9 +265,9 @@ pub fn markdown(d: &Document) -> String {
     for r in d.results {
         for n in &r.notes {
             let label = if r.accounting {
-                format!("{} (accounting run)", r.label)
+                format!("{} · {} (accounting run)", r.workload, r.label)
             } else {
-                r.label.clone()
+                format!("{} · {}", r.workload, r.label)
             };
             notes.entry((label, n.clone())).or_default().push(r.run + 1);
         }

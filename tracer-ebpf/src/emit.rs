@@ -53,23 +53,24 @@ fn within_budget(tgid: u32, now: u64) -> bool {
     let interval = 1_000_000_000 / rate as u64;
     // Up to `rate` in a burst: a full second's worth.
     let tolerance = interval * (rate as u64 - 1);
-    match maps::STACK_BUDGET.get_ptr_mut(&tgid) {
-        Some(tat) => {
-            // SAFETY: a valid map value pointer.
-            let t = unsafe { *tat }.max(now);
-            if t - now > tolerance {
-                return false;
-            }
-            unsafe { *tat = t + interval };
-            true
-        }
-        None => {
-            // A full LRU evicts; an insert can only fail under memory
-            // pressure, and then the process just goes unbudgeted.
-            let _ = maps::STACK_BUDGET.insert(&tgid, &(now + interval), 0);
-            true
-        }
+    let Some(slot) = maps::STACK_BUDGET.get_ptr_mut(tgid % maps::BUDGET_SLOTS) else {
+        return true;
+    };
+    // SAFETY: a valid per-CPU map value. Opens run in process context (a
+    // connect, an accept), one at a time on a CPU: no other writer.
+    let b = unsafe { &mut *slot };
+    if b.tgid != tgid {
+        // Another process's (or no one's) slot: this process starts over.
+        b.tgid = tgid;
+        b.tat = now + interval;
+        return true;
     }
+    let t = b.tat.max(now);
+    if t - now > tolerance {
+        return false;
+    }
+    b.tat = t + interval;
+    true
 }
 
 /// Records the current task's user and kernel stacks in the header. Only
