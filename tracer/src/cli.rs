@@ -131,10 +131,9 @@ pub struct TraceArgs {
     #[arg(long, conflicts_with = "no_stacks")]
     pub kernel_stacks: bool,
 
-    /// Capture no stacks at all. User stacks where sockets are opened
-    /// (connect, accept) cost ~3 µs each, the largest part of the tracer's
-    /// cost on a host opening tens of thousands of connections a second;
-    /// leaks are still found, with everything but `open_stack`.
+    /// Capture no stacks at all (a user stack where a socket is opened costs
+    /// ~3 µs; see --stack-rate). Leaks are still found, with all their
+    /// other evidence.
     #[arg(long)]
     pub no_stacks: bool,
 

@@ -203,14 +203,21 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
                     Some(pid) => format!("pid {pid} ({})", g.comm),
                     None => "owner unknown".into(),
                 };
+                let user: Vec<Frame> = g.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
+                // A group of leaks without a stack (sampled out, stacks off,
+                // older than the tracer) must not read as "this stack".
+                let place = if user.is_empty() {
+                    "whose opening stack was not captured (each LEAK line says why)"
+                } else {
+                    "opened from this stack"
+                };
                 writeln!(
                     o,
-                    "  {who}: {} socket(s) to {} opened from this stack, none closed; oldest in CLOSE_WAIT {}",
+                    "  {who}: {} socket(s) to {} {place}, none closed; oldest in CLOSE_WAIT {}",
                     g.count,
                     g.remote,
                     secs(g.oldest_close_wait_ms)
                 )?;
-                let user: Vec<Frame> = g.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
                 write_stack(o, &user, None, "      ")?;
                 if let Some(h) = hint(g.unread_bytes, g.count) {
                     writeln!(o, "    -> {h}")?;
