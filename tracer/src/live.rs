@@ -79,7 +79,6 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         user_stacks: !args.no_stacks,
         stack_rate: args.stack_rate,
     })?;
-    release_freed_memory();
     // Open the pidfd before the snapshot so an exit in between is not lost.
     let pidfd = args.pid.map(pidfd_open).transpose()?;
 

@@ -88,7 +88,7 @@ impl Correlator {
     /// A socket that existed before tracing started. Its state is as of
     /// `now_ns`; older events for it only add ownership.
     pub fn on_snapshot(&mut self, snap: &SnapshotSocket, now_ns: u64) {
-        if snap.state != tcp::CLOSE_WAIT && !self.table.is_full(snap.cookie) {
+        if snap.state != tcp::CLOSE_WAIT && !self.table.has_full_record(snap.cookie) {
             // Until its first event only its holder matters (endpoints
             // come with every state change).
             self.table
@@ -99,16 +99,7 @@ impl Correlator {
             return;
         };
         sock.endpoints = Some(snap.endpoints);
-        sock.state = snap.state;
-        sock.state_ns = now_ns;
-        if let Some((pid, comm, fd)) = snap.holder {
-            sock.owner.get_or_insert(Owner {
-                pid,
-                comm,
-                source: OwnerSource::Snapshot,
-            });
-            sock.fd = Some(fd);
-        }
+        sock.apply_snapshot(snap.state, now_ns, snap.holder);
         if snap.state == tcp::CLOSE_WAIT && sock.close_wait.is_none() {
             let age = snap.last_ack_age_ns.unwrap_or(0);
             let since = Since {

@@ -160,6 +160,22 @@ impl Socket {
             leak_reported: false,
         }
     }
+
+    /// What the start-up snapshot knew at `ns`: the state then, and the
+    /// process holding the socket, as its owner unless a better one is
+    /// known already.
+    pub fn apply_snapshot(&mut self, state: u8, ns: u64, holder: Option<(u32, Comm, i32)>) {
+        self.state = state;
+        self.state_ns = ns;
+        if let Some((pid, comm, fd)) = holder {
+            self.owner.get_or_insert(Owner {
+                pid,
+                comm,
+                source: OwnerSource::Snapshot,
+            });
+            self.fd = Some(fd);
+        }
+    }
 }
 
 /// Everything a sink needs to show one leaked socket.

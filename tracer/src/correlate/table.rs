@@ -12,7 +12,7 @@ use std::collections::{hash_map::Entry, HashMap};
 use foldhash::fast::RandomState;
 use tracer_common::Header;
 
-use super::{Comm, CorrelatorStats, Owner, OwnerSource, Socket};
+use super::{Comm, CorrelatorStats, Socket};
 
 /// Socket cookies are kernel-assigned, not chosen by whoever sends us data,
 /// so a fast non-cryptographic hash is safe here; this table is touched by
@@ -32,16 +32,7 @@ struct Quiet {
 impl Quiet {
     fn promote(self, cookie: u64) -> Socket {
         let mut sock = Socket::new(cookie, 0);
-        sock.state = self.state;
-        sock.state_ns = self.ns;
-        if let Some((pid, comm, fd)) = self.holder {
-            sock.owner = Some(Owner {
-                pid,
-                comm,
-                source: OwnerSource::Snapshot,
-            });
-            sock.fd = Some(fd);
-        }
+        sock.apply_snapshot(self.state, self.ns, self.holder);
         sock
     }
 }
@@ -77,7 +68,7 @@ impl Table {
     }
 
     /// Whether the socket has a full record.
-    pub(super) fn is_full(&self, cookie: u64) -> bool {
+    pub(super) fn has_full_record(&self, cookie: u64) -> bool {
         self.sockets.contains_key(&cookie)
     }
 
@@ -97,12 +88,9 @@ impl Table {
                 o.insert(Quiet { ns, holder, state });
             }
             Entry::Vacant(v) => {
-                if tracked >= self.max_sockets {
-                    stats.untracked_table_full += 1;
-                    return;
+                if admit(tracked, self.max_sockets, stats) {
+                    v.insert(Quiet { ns, holder, state });
                 }
-                stats.sockets_seen += 1;
-                v.insert(Quiet { ns, holder, state });
             }
         }
     }
@@ -116,14 +104,8 @@ impl Table {
             Entry::Vacant(v) => {
                 let sock = match self.quiet.remove(&cookie) {
                     Some(q) => q.promote(cookie),
-                    None => {
-                        if tracked >= self.max_sockets {
-                            stats.untracked_table_full += 1;
-                            return None;
-                        }
-                        stats.sockets_seen += 1;
-                        Socket::new(cookie, 0)
-                    }
+                    None if admit(tracked, self.max_sockets, stats) => Socket::new(cookie, 0),
+                    None => return None,
                 };
                 v.insert(sock)
             }
@@ -154,4 +136,15 @@ impl Table {
             }
         }
     }
+}
+
+/// A socket seen for the first time: tracked if there is room, and counted
+/// either way (seen, or untracked because the table is full).
+fn admit(tracked: usize, max_sockets: usize, stats: &mut CorrelatorStats) -> bool {
+    if tracked >= max_sockets {
+        stats.untracked_table_full += 1;
+        return false;
+    }
+    stats.sockets_seen += 1;
+    true
 }
