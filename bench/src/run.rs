@@ -1,0 +1,219 @@
+//! One run of one configuration: the server, the client (wrapped by
+//! strace when that is the observer), the observer, the load, the samples
+//! and the observer's counters, then teardown.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::observer::{self, Observer, TracerKind};
+use crate::procs::{self, OnParentDeath, Out, Proc};
+use crate::{Config, RunResult, Settings, Workload};
+
+pub struct Ctx<'a> {
+    pub tracer: &'a Path,
+    pub loadgen: &'a Path,
+    pub tmp: &'a Path,
+    pub settings: &'a Settings,
+}
+
+impl RunResult {
+    pub fn new(index: usize, config: &Config, run: usize, accounting: bool) -> RunResult {
+        RunResult {
+            config: index,
+            workload: config.workload.name().to_owned(),
+            label: config.label(),
+            run,
+            accounting,
+            ..RunResult::default()
+        }
+    }
+}
+
+pub fn run_one(ctx: &Ctx, index: usize, config: &Config, run: usize, accounting: bool) -> RunResult {
+    let mut r = RunResult::new(index, config, run, accounting);
+    if let Err(e) = try_run(ctx, index, config, run, &mut r) {
+        r.error = Some(format!("{e:#}"));
+    }
+    r
+}
+
+fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResult) -> Result<()> {
+    let s = ctx.settings;
+    let threads = s.threads.to_string();
+    let addrs = s.addrs.to_string();
+
+    // The server, and the port it listens on.
+    let mut cmd = Command::new(ctx.loadgen);
+    cmd.args(["server", "--threads", &threads, "--addrs", &addrs]);
+    let mut server = Proc::spawn("loadgen server", cmd, false, Out::Null, OnParentDeath::Kill)?;
+    let mut port = None;
+    server.wait_until("READY", Duration::from_secs(30), |p| {
+        port = p.stderr_line("READY port=").and_then(|l| {
+            l.trim_start_matches("READY port=")
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u16>().ok())
+        });
+        port.is_some()
+    })?;
+    let port = port.expect("checked").to_string();
+
+    // An idle, unrelated process for --pid.
+    let idle = match config.observer {
+        Observer::Tracer(TracerKind::PidFilter) => {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("100000");
+            Some(Proc::spawn("sleep", cmd, false, Out::Null, OnParentDeath::Kill)?)
+        }
+        _ => None,
+    };
+
+    // The client, wrapped by strace when that is the observer. It prepares
+    // (idle connections), says READY and waits for a line on stdin.
+    let seconds = format!("{}", s.seconds);
+    let mut client_args = vec![
+        "client".to_owned(),
+        "--port".to_owned(),
+        port,
+        "--addrs".to_owned(),
+        addrs,
+        "--threads".to_owned(),
+        threads,
+        "--mode".to_owned(),
+        config.workload.name().to_owned(),
+        "--duration".to_owned(),
+        seconds,
+        "--sync".to_owned(),
+    ];
+    match config.workload {
+        Workload::Churn => {}
+        Workload::ChurnLeak => client_args.extend(["--leak-percent".to_owned(), s.leak_percent.to_string()]),
+        Workload::ManySockets => client_args.extend(["--open".to_owned(), s.open.to_string()]),
+    }
+    let cmd = match &config.observer {
+        Observer::Strace(strace) => {
+            let mut cmd = Command::new(strace);
+            cmd.args(["-f", "-o", "/dev/null"]).arg(ctx.loadgen).args(&client_args);
+            cmd
+        }
+        _ => {
+            let mut cmd = Command::new(ctx.loadgen);
+            cmd.args(&client_args);
+            cmd
+        }
+    };
+    let mut client = Proc::spawn("loadgen client", cmd, true, Out::Tap(None), OnParentDeath::Kill)?;
+    let prepare = if config.workload == Workload::ManySockets {
+        Duration::from_secs(600)
+    } else {
+        Duration::from_secs(60)
+    };
+    client.wait_until("READY", prepare, |p| p.stderr_line("READY").is_some())?;
+
+    // The observer, ready before the load starts.
+    let stem = format!("c{index}-r{run}");
+    let mut running = observer::start(
+        &config.observer,
+        &observer::Start {
+            tracer: ctx.tracer,
+            tmp: ctx.tmp,
+            stem: &stem,
+            leak_after: config.leak_after.as_deref(),
+            pid: idle.as_ref().map(|p| p.pid),
+        },
+    )?;
+
+    // What start-up cost, to tell the load's share apart.
+    let at_ready = running.as_ref().map(|o| {
+        let bpf = r.accounting.then(|| procs::bpf_run_time(o.proc.pid)).flatten();
+        (o.proc.sample(), bpf)
+    });
+    client.write_stdin("go\n")?;
+    let mut line = None;
+    let limit = Duration::from_secs_f64(s.seconds) + Duration::from_secs(120);
+    client.wait_until("its result line", limit, |p| {
+        line = p.stdout_line("{");
+        line.is_some()
+    })?;
+    let result: Value =
+        serde_json::from_str(line.as_deref().expect("checked")).context("parsing the client's result")?;
+    r.connections = result["connections"].as_u64();
+    r.seconds = result["seconds"].as_f64();
+    r.conn_per_sec = result["conn_per_sec"].as_f64();
+    r.client_errors = result["errors"].as_u64();
+    r.leaked_open = result["leaked_open"].as_u64();
+    r.idle_open = result["idle_open"].as_u64();
+    if let Some(n) = r.client_errors.filter(|n| *n > 0) {
+        r.notes.push(format!("client: {n} connection errors"));
+    }
+
+    // Sample, then stop the observer (strace: the client is the observer).
+    let mut outcome = Ok(());
+    if let Some(obs) = running.as_mut() {
+        r.agent_start_s = Some(obs.start_seconds);
+        let sample = obs.proc.sample();
+        r.agent_cpu_s = sample.cpu_seconds;
+        r.agent_peak_rss_kib = sample.peak_rss_kib;
+        if r.accounting {
+            let bpf = procs::bpf_run_time(obs.proc.pid);
+            r.bpf_cpu_s = bpf.map(|b| b.seconds);
+            r.bpf_runs = bpf.map(|b| b.runs);
+        }
+        if let Some((ready, ready_bpf)) = at_ready {
+            r.agent_cpu_load_s = sample.cpu_seconds.zip(ready.cpu_seconds).map(|(a, b)| a - b);
+            r.bpf_cpu_load_s = r.bpf_cpu_s.map(|a| a - ready_bpf.map_or(0.0, |b| b.seconds));
+        }
+        let (exit, note) = obs.stop()?;
+        r.agent_cpu_total_s = Some(exit.cpu_seconds());
+        r.notes.extend(note);
+        // A peer's exit status after our signal is its own business.
+        if !exit.success() && obs.is_tracer() {
+            outcome = Err(anyhow::anyhow!(
+                "{} exited with {} after SIGINT{}",
+                obs.proc.name,
+                exit.describe(),
+                obs.proc.stderr_tail()
+            ));
+        } else {
+            let c = obs.counters(ctx.tracer)?;
+            r.kernel_generated = c.kernel_generated;
+            r.received = c.received;
+            r.drops = c.drops;
+            r.missing = match (c.kernel_generated, c.received, c.drops) {
+                (Some(g), Some(rx), Some(d)) => Some(g.saturating_sub(rx + d)),
+                _ => None,
+            };
+            r.leaks_reported = c.leaks_reported;
+            r.output_bytes = c.output_bytes;
+            r.notes.extend(c.notes);
+        }
+    } else if matches!(config.observer, Observer::Strace(_)) {
+        let sample = client.sample();
+        r.agent_cpu_s = sample.cpu_seconds;
+        r.agent_peak_rss_kib = sample.peak_rss_kib;
+    }
+
+    // Let the client go (it closes its connections), then the server.
+    client.close_stdin();
+    let exit = client.stop(None, Duration::from_secs(300))?;
+    if matches!(config.observer, Observer::Strace(_)) {
+        r.agent_cpu_total_s = Some(exit.cpu_seconds());
+    }
+    if !exit.success() && outcome.is_ok() {
+        outcome = Err(anyhow::anyhow!(
+            "the client exited with {}{}",
+            exit.describe(),
+            client.stderr_tail()
+        ));
+    }
+    let _ = server.stop(Some(libc::SIGTERM), Duration::from_secs(30));
+    drop(idle);
+    for ext in ["jsonl", "rec"] {
+        let _ = std::fs::remove_file(ctx.tmp.join(format!("{stem}.{ext}")));
+    }
+    outcome
+}
