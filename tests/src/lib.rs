@@ -44,4 +44,4 @@ pub use privileges::require_privileges;
 pub use procfs::socket_fds;
 pub use recording::{run_tracer_cmd, start_recorder, Ran, RecordOutput, Recorder, RecordingInfo, TempFile};
 pub use ss::{format_ss, parse_ss_line, parse_ss_output, ss_sockets, wait_for_ss, SsMonitor, SsSocket, SsUser};
-pub use tracer::{run_tracer, Leak, Tracer, TracerOutput};
+pub use tracer::{run_tracer, trace_held_client, Leak, Tracer, TracerOutput};

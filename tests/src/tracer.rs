@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::addr::normalize_addr;
 use crate::child::Child;
+use crate::fixture::{start_client, wait_client_done, SockLine};
 use crate::paths::tracer_bin;
 
 /// A running `tracer live --json ...`.
@@ -23,6 +24,26 @@ pub fn run_tracer(args: &[&str]) -> Tracer {
     Tracer {
         child: Child::spawn(&format!("tracer live --json {}", args.join(" ")), cmd),
     }
+}
+
+/// A fixture client started with `--wait-stdin-line` (its `CLIENT_ARGS`
+/// and `--count count`), traced by `tracer live --json --pid <it>
+/// TRACER_ARGS...`, and let go once the tracer has started. With `--pid`
+/// only the client's own events count, so once it is done the tracer's
+/// counters are final. Returns when the client has made its connections.
+pub fn trace_held_client(client_args: &[&str], count: usize, tracer_args: &[&str]) -> (Child, Vec<SockLine>, Tracer) {
+    let count_arg = count.to_string();
+    let mut args = client_args.to_vec();
+    args.extend(["--count", &count_arg, "--wait-stdin-line"]);
+    let mut client = start_client(&args);
+    let pid = client.pid().to_string();
+    let mut targs = vec!["--pid", pid.as_str()];
+    targs.extend_from_slice(tracer_args);
+    let mut tracer = run_tracer(&targs);
+    tracer.wait_started(Duration::from_secs(20));
+    client.send_line("go");
+    let socks = wait_client_done(&mut client, count);
+    (client, socks, tracer)
 }
 
 fn parse_json_line(line: &str) -> Option<Value> {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tracer_tests::{require_privileges, run_tracer, spawn_server, start_client, wait_client_done, Value};
+use tracer_tests::{require_privileges, spawn_server, trace_held_client, Value};
 
 fn num(v: &Value, path: &[&str]) -> u64 {
     let mut cur = v;
@@ -23,31 +23,13 @@ fn delivered_plus_dropped_equals_generated() {
     let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", "8"]);
     let addr = format!("127.0.0.1:{port}");
     // A burst from one process: with --pid, only its events are generated,
-    // so once it is idle the counters are final.
-    let mut client = start_client(&[
-        "--connect",
-        &addr,
-        "--count",
-        "400",
-        "--mode",
-        "close",
-        "--wait-stdin-line",
-    ]);
-    let pid = client.pid().to_string();
-    // One page of ring buffer holds ~30 events; the burst is ~2000.
-    let mut tracer = run_tracer(&[
-        "--pid",
-        &pid,
-        "--ring-bytes",
-        "4096",
-        "--duration",
-        "4s",
-        "--leak-after",
-        "10s",
-    ]);
-    tracer.wait_started(Duration::from_secs(20));
-    client.send_line("go");
-    wait_client_done(&mut client, 400);
+    // so once it is idle the counters are final. One page of ring buffer
+    // holds ~30 events; the burst is ~2000.
+    let (_client, _socks, tracer) = trace_held_client(
+        &["--connect", &addr, "--mode", "close"],
+        400,
+        &["--ring-bytes", "4096", "--duration", "4s", "--leak-after", "10s"],
+    );
     let out = tracer.finish(Duration::from_secs(10));
     out.assert_success();
 

@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use tracer_tests::{
-    assert_same_cookies, require_privileges, run_tracer, spawn_server, ss_sockets, stack_has, start_client,
-    wait_client_done, Evidence, Value,
+    assert_same_cookies, require_privileges, spawn_server, ss_sockets, stack_has, trace_held_client, Evidence, Value,
 };
 
 /// Connections the client opens in one burst, all leaked.
@@ -23,32 +22,13 @@ fn over_budget_opens_are_sampled_out_and_counted() {
     }
     let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", "26"]);
     let addr = format!("127.0.0.1:{port}");
-    let count = COUNT.to_string();
-    // Started first and held until the tracer watches it: with --pid only
-    // its own opens are counted, so the counter can be checked exactly.
-    let mut client = start_client(&[
-        "--connect",
-        &addr,
-        "--count",
-        &count,
-        "--mode",
-        "leak",
-        "--wait-stdin-line",
-    ]);
-    let pid = client.pid().to_string();
-    let mut tracer = run_tracer(&[
-        "--pid",
-        &pid,
-        "--stack-rate",
-        RATE,
-        "--leak-after",
-        "1s",
-        "--duration",
-        "4s",
-    ]);
-    tracer.wait_started(Duration::from_secs(20));
-    client.send_line("go");
-    let socks = wait_client_done(&mut client, COUNT);
+    // Held until the tracer watches it: with --pid only its own opens are
+    // counted, so the counter can be checked exactly.
+    let (_client, socks, tracer) = trace_held_client(
+        &["--connect", &addr, "--mode", "leak"],
+        COUNT,
+        &["--stack-rate", RATE, "--leak-after", "1s", "--duration", "4s"],
+    );
     assert_eq!(socks.len(), COUNT, "fixture sanity");
     let out = tracer.finish(Duration::from_secs(15));
     // Ground truth while the client still holds them.
