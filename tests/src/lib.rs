@@ -25,6 +25,7 @@ pub mod child;
 pub mod compare;
 pub mod evidence;
 pub mod fixture;
+pub mod java;
 pub mod paths;
 pub mod privileges;
 pub mod procfs;

@@ -248,6 +248,18 @@ fn open_stack_names_the_opening_function() {
             format_stack(&e.open_stack),
             e.leak.json
         );
+        // connect()'s own caller, which libc's frameless wrapper hides
+        // from a frame-pointer walk, is recovered: right after the wrapper.
+        let user: Vec<_> = e.open_stack.iter().filter(|f| !f.kernel).collect();
+        assert!(
+            user.len() > 2
+                && user[0].symbol.as_deref().is_some_and(|s| s.contains("connect"))
+                && user[1].is_user_fn("connect_socket", FIXTURE_MODULE)
+                && user[2].is_user_fn("open_connection", FIXTURE_MODULE),
+            "open_stack should be connect, connect_socket, open_connection:\n{}{}\n{ctx}",
+            format_stack(&e.open_stack),
+            e.leak.json
+        );
     }
 
     // One group: this process, this stack, this remote.

@@ -15,6 +15,12 @@ pub enum EventKind {
     Accept = 2,
     /// `close`/`close_range` is closing a TCP socket fd. Body: [`FdEvent`].
     Close = 3,
+    /// The user stack of the task at an accept, connect or close, walked
+    /// by frame pointer in eBPF. Sent just before the event it belongs to
+    /// (same `tid` and `ktime_ns`), whose `ustack` is [`USTACK_WALKED`].
+    /// Consumed by the agent (symbolized while the process lives); never
+    /// part of a recording. Body: [`UserStackEvent`].
+    UserStack = 4,
 }
 
 impl EventKind {
@@ -23,6 +29,7 @@ impl EventKind {
             1 => Some(Self::State),
             2 => Some(Self::Accept),
             3 => Some(Self::Close),
+            4 => Some(Self::UserStack),
             _ => None,
         }
     }
@@ -64,6 +71,69 @@ pub const STACKS_OFF: i32 = i32::MIN + 1;
 /// than its stack budget (`--stack-rate`)". Part of the format: never reuse.
 pub const STACKS_SAMPLED_OUT: i32 = i32::MIN + 2;
 
+/// Stack id value meaning "the user stack was walked in eBPF and sent as a
+/// [`UserStackEvent`] just before this event". The agent replaces it with
+/// the id it gives that stack before anything is recorded or analysed.
+pub const USTACK_WALKED: i32 = i32::MIN + 3;
+
+/// Deepest user stack the eBPF walk follows; deeper walks are cut and
+/// counted (`stats::STACK_WALK_TRUNCATED`).
+pub const MAX_USER_FRAMES: usize = 127;
+
+/// Words read at the user stack pointer ([`UserStackEvent::sp_words`]).
+pub const SP_WORDS: usize = 8;
+
+/// Why the eBPF frame-pointer walk stopped ([`UserStackEvent::end`]).
+pub mod walk_end {
+    /// A zero frame pointer or return address: the outermost frame.
+    pub const OUTERMOST: u32 = 0;
+    /// A frame could not be read: code without frame pointers, or the end.
+    pub const FAULT: u32 = 1;
+    /// The next frame pointer is not above the current one, or is too far
+    /// above it: the chain is broken (code that uses rbp for data).
+    pub const BAD_FP: u32 = 2;
+    /// [`MAX_USER_FRAMES`](super::MAX_USER_FRAMES) reached: truncated.
+    pub const DEPTH: u32 = 3;
+}
+
+/// One frame of a walked user stack.
+///
+/// `method_slot` and `bcp_slot` are the words at `[fp-24]` and `[fp-64]` of
+/// the frame pointer `fp` this `pc` was read from (`pc = [fp+8]`). That
+/// frame belongs to the *callee* of the code at `pc`, i.e. to the previous
+/// entry. HotSpot's interpreter keeps a frame's `Method*` and bytecode
+/// pointer in exactly those slots (x86_64, JDK 9+); in other code they are
+/// whatever the frame holds, and the agent ignores them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UserFrame {
+    pub pc: u64,
+    pub method_slot: u64,
+    pub bcp_slot: u64,
+}
+
+/// A user stack walked in eBPF from the task's saved user registers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserStackEvent {
+    /// The same `tgid`, `tid`, `ktime_ns` and `cookie` as the event it
+    /// belongs to; `kind` is [`EventKind::UserStack`].
+    pub header: Header,
+    /// The words at the user stack pointer. At a syscall in a libc wrapper
+    /// that has no frame of its own (`connect`, `close`), one of them is
+    /// the return address into the wrapper's caller, the frame a
+    /// frame-pointer walk skips: `[sp]` when the wrapper keeps nothing on
+    /// the stack, a few words up when it does (glibc's cancellable
+    /// wrappers in a threaded process). The agent takes the first that
+    /// points just after a call instruction; all zero if unreadable.
+    pub sp_words: [u64; SP_WORDS],
+    /// Valid entries of `frames`: `frames[0].pc` is the user `ip` (slots 0).
+    pub nframes: u32,
+    /// A [`walk_end`] value.
+    pub end: u32,
+    pub frames: [UserFrame; MAX_USER_FRAMES],
+}
+
 /// A TCP state change.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,9 +173,11 @@ mod pod {
     unsafe impl aya::Pod for super::Header {}
     unsafe impl aya::Pod for super::StateEvent {}
     unsafe impl aya::Pod for super::FdEvent {}
+    unsafe impl aya::Pod for super::UserStackEvent {}
 }
 
 // Layout is the wire format: any change here must be deliberate.
 const _: () = assert!(core::mem::size_of::<Header>() == 64);
 const _: () = assert!(core::mem::size_of::<StateEvent>() == 112);
 const _: () = assert!(core::mem::size_of::<FdEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<UserStackEvent>() == 72 + 8 * SP_WORDS + 24 * MAX_USER_FRAMES);

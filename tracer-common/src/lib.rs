@@ -12,4 +12,7 @@ pub mod stats;
 pub mod tcp;
 
 pub use config::{Config, KernelOffsets, STACKS_KERNEL, STACKS_USER};
-pub use event::{EventKind, FdEvent, Header, StateEvent, COMM_LEN, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT};
+pub use event::{
+    walk_end, EventKind, FdEvent, Header, StateEvent, UserFrame, UserStackEvent, COMM_LEN, MAX_USER_FRAMES, NO_STACK,
+    SP_WORDS, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED,
+};

@@ -13,11 +13,15 @@ pub const FD_UNRESOLVED: u32 = 3;
 /// `close_range` calls wider than the kernel side scans (256 fds).
 pub const CLOSE_RANGE_TRUNCATED: u32 = 4;
 
-/// Stack captures that failed (stack map full or hash collision).
+/// Stack captures that failed: a kernel stack (stack map full or hash
+/// collision), or a user stack whose record did not fit the ring buffer.
 pub const STACK_ERRORS: u32 = 5;
 
 /// Open stacks not taken because the process was over its stack budget
 /// (`--stack-rate`): a sample, counted, never a silent gap.
 pub const STACKS_SAMPLED_OUT: u32 = 6;
 
-pub const COUNT: u32 = 7;
+/// User stacks cut at `MAX_USER_FRAMES` frames by the eBPF walk.
+pub const STACK_WALK_TRUNCATED: u32 = 7;
+
+pub const COUNT: u32 = 8;

@@ -28,7 +28,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     };
     if let Some((fds, max)) = fdsock::fd_table() {
-        report(&ctx, fds, max, fd as u32);
+        report(&ctx, fds, max, fd as u32, true);
     }
     0
 }
@@ -60,7 +60,10 @@ pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
         if fd > last || fd < first {
             return 0;
         }
-        report(&ctx, fds, max, fd);
+        // No user stacks here: the verifier follows the stack walk's loop
+        // inside this one for every fd, past its instruction limit. A close
+        // by close_range has no user stack ("not captured for this event").
+        report(&ctx, fds, max, fd, false);
     }
     if last >= first.saturating_add(CLOSE_RANGE_SCAN) {
         maps::count(Counters::Syscall, stats::CLOSE_RANGE_TRUNCATED);
@@ -75,7 +78,7 @@ fn wanted() -> bool {
 }
 
 #[inline(always)]
-fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32) {
+fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32, user_stacks: bool) {
     let Some(sk) = fdsock::tcp_sock(fds, max, fd) else {
         return;
     };
@@ -85,7 +88,11 @@ fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32) {
     // close that releases an fd while the socket stays open (the file is
     // shared after dup or fork) and is or may become a leak.
     if maps::REPORTED.get_ptr(&header.cookie).is_some() || fdsock::file_shared(fds, fd) {
-        emit::take_stacks(ctx, &mut header, Counters::Syscall);
+        if user_stacks {
+            emit::take_stacks(ctx, &mut header, Counters::Syscall);
+        } else {
+            emit::take_kernel_stack(ctx, &mut header, Counters::Syscall);
+        }
     }
     emit::send(
         &FdEvent {

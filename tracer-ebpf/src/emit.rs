@@ -1,13 +1,13 @@
 //! Header filling and ring-buffer submission with batched wakeups.
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     programs::tracing::StackIdContext,
 };
 use tracer_common::{stats, Header, COMM_LEN, NO_STACK, STACKS_KERNEL, STACKS_OFF, STACKS_SAMPLED_OUT, STACKS_USER};
 
-use crate::{config, maps, maps::Counters};
+use crate::{config, maps, maps::Counters, ustack};
 
 #[inline(always)]
 pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
@@ -73,8 +73,9 @@ fn within_budget(tgid: u32, now: u64) -> bool {
     true
 }
 
-/// Records the current task's user and kernel stacks in the header. Only
-/// called where the task is the socket's user (its own syscall).
+/// Records the current task's user stack (walked and sent ahead of the
+/// event, see `ustack`) and kernel stack (a stack-map id) in the header.
+/// Only called where the task is the socket's user (its own syscall).
 #[inline(always)]
 pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
     let which = config::stacks();
@@ -84,8 +85,15 @@ pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
         h.kstack = STACKS_OFF;
         return;
     }
-    h.ustack = stack_id(ctx, BPF_F_USER_STACK as u64, set);
-    if which & STACKS_KERNEL != 0 {
+    h.ustack = ustack::walk(h, set);
+    take_kernel_stack(ctx, h, set);
+}
+
+/// The kernel stack alone (with `--kernel-stacks`), where a user-stack walk
+/// cannot be verified.
+#[inline(always)]
+pub fn take_kernel_stack<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
+    if config::stacks() & STACKS_KERNEL != 0 {
         h.kstack = stack_id(ctx, 0, set);
     }
 }

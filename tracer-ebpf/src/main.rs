@@ -7,6 +7,8 @@
 //!   process that accepted it.
 //! - `close`: `syscalls:sys_enter_close{,_range}`, ties a close to the
 //!   thread and fd that did it.
+//! - `ustack`: not a hook; the user-stack walk the hooks above call where
+//!   the task is the socket's user.
 #![no_std]
 #![no_main]
 
@@ -17,6 +19,7 @@ mod emit;
 mod fdsock;
 mod maps;
 mod state;
+mod ustack;
 
 #[cfg(not(test))]
 #[panic_handler]

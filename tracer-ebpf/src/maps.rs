@@ -10,7 +10,8 @@ use tracer_common::stats;
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
-/// User and kernel stacks of the tasks that connect, accept and close.
+/// Kernel stacks (`--kernel-stacks`) of the tasks that connect, accept and
+/// close; user stacks travel in the ring buffer (`ustack`).
 /// Bounded; a full map makes captures fail, counted as STACK_ERRORS.
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);

@@ -1,7 +1,7 @@
 //! Ring-buffer bytes -> typed events. The only place that interprets raw
 //! records; everything downstream works on [`Event`].
 
-use tracer_common::{EventKind, FdEvent, Header, StateEvent};
+use tracer_common::{EventKind, FdEvent, Header, StateEvent, UserStackEvent};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -17,6 +17,21 @@ impl Event {
             Event::Accept(e) | Event::Close(e) => &e.header,
         }
     }
+
+    pub fn header_mut(&mut self) -> &mut Header {
+        match self {
+            Event::State(e) => &mut e.header,
+            Event::Accept(e) | Event::Close(e) => &mut e.header,
+        }
+    }
+}
+
+/// A ring-buffer record: an event, or the user stack of the event that
+/// follows it (boxed: it is 3 KiB, and rare next to events).
+#[derive(Debug)]
+pub enum Record {
+    Event(Event),
+    UserStack(Box<UserStackEvent>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,6 +44,8 @@ pub enum DecodeError {
     },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
+    #[error("a user-stack record where an event was expected")]
+    NotAnEvent,
 }
 
 fn read<T: Copy>(buf: &[u8], what: &'static str) -> Result<T, DecodeError> {
@@ -51,8 +68,39 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         Some(EventKind::State) => Ok(Event::State(read(buf, "state event")?)),
         Some(EventKind::Accept) => Ok(Event::Accept(read(buf, "accept event")?)),
         Some(EventKind::Close) => Ok(Event::Close(read(buf, "close event")?)),
+        Some(EventKind::UserStack) => Err(DecodeError::NotAnEvent),
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
+}
+
+/// Any ring-buffer record: [`decode`] plus the user-stack records that
+/// only the live agent sees.
+pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
+    let header: Header = read(buf, "header")?;
+    if header.kind == EventKind::UserStack as u32 {
+        let need = std::mem::size_of::<UserStackEvent>();
+        if buf.len() < need {
+            return Err(DecodeError::Short {
+                what: "user stack",
+                len: buf.len(),
+                need,
+            });
+        }
+        let mut w = Box::new(UserStackEvent {
+            header,
+            sp_words: [0; tracer_common::SP_WORDS],
+            nframes: 0,
+            end: 0,
+            frames: [tracer_common::UserFrame::default(); tracer_common::MAX_USER_FRAMES],
+        });
+        // SAFETY: length checked; plain-old-data wire type, any bit pattern
+        // valid; copied byte for byte into the box.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), (&mut *w as *mut UserStackEvent).cast::<u8>(), need);
+        }
+        return Ok(Record::UserStack(w));
+    }
+    decode(buf).map(Record::Event)
 }
 
 /// Bytes of a wire struct, for writing records.
@@ -141,5 +189,35 @@ mod tests {
         let mut h = header(EventKind::State);
         h.kind = 77;
         assert_eq!(decode(bytes_of(&h)), Err(DecodeError::UnknownKind(77)));
+    }
+
+    #[test]
+    fn user_stacks_decode_only_as_records() {
+        let mut w = UserStackEvent {
+            header: header(EventKind::UserStack),
+            sp_words: [0x401234; tracer_common::SP_WORDS],
+            nframes: 2,
+            end: tracer_common::walk_end::OUTERMOST,
+            frames: [tracer_common::UserFrame::default(); tracer_common::MAX_USER_FRAMES],
+        };
+        w.frames[1] = tracer_common::UserFrame {
+            pc: 0x7f00_0000_1000,
+            method_slot: 0x8000_0010,
+            bcp_slot: 0x8000_0080,
+        };
+        match decode_record(bytes_of(&w)) {
+            Ok(Record::UserStack(got)) => assert_eq!(*got, w),
+            other => panic!("expected a user stack, got {other:?}"),
+        }
+        assert_eq!(decode(bytes_of(&w)), Err(DecodeError::NotAnEvent));
+        assert!(matches!(
+            decode_record(&bytes_of(&w)[..200]),
+            Err(DecodeError::Short { what: "user stack", .. })
+        ));
+        let st = match decode_record(bytes_of(&header(EventKind::Close))) {
+            Err(DecodeError::Short { what, .. }) => what,
+            other => panic!("expected a short close event, got {other:?}"),
+        };
+        assert_eq!(st, "close event");
     }
 }

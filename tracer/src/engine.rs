@@ -10,12 +10,12 @@ use crate::{
     correlate::{Comm, Correlator, Endpoints, LeakReport, StackRef, Verdict},
     decode::Event,
     evidence::Evidence,
-    input::{Input, StackKey},
+    input::{Input, StackInput, StackKey},
     kernel::KernelStats,
     procs::ProcInfo,
-    report::{self, Enrich, LeakOut},
+    report::{self, Enrich, LeakOut, StackOut},
     sink::{EventOut, Loss, Sink, Status, Summary, SummaryStats},
-    stacks::{stack_id_error, Frame},
+    stacks::stack_id_error,
 };
 
 /// Bound on remembered process names and stacks; cleared when reached.
@@ -24,7 +24,7 @@ const CACHE_CAP: usize = 65536;
 pub struct Engine {
     corr: Correlator,
     names: HashMap<u32, ProcInfo>,
-    stacks: HashMap<StackKey, Result<Vec<Frame>, String>>,
+    stacks: HashMap<StackKey, StackInput>,
     evidence: HashMap<u64, Evidence>,
     verdicts: Vec<Verdict>,
     kernel_stats: KernelStats,
@@ -85,7 +85,7 @@ impl Engine {
             }
             Input::Stack(s) => {
                 bounded(&mut self.stacks);
-                self.stacks.insert(s.key, s.frames.clone());
+                self.stacks.insert(s.key, s.clone());
             }
             Input::Snapshot(s) => {
                 self.advance(s.ns);
@@ -167,33 +167,39 @@ impl Engine {
         )
     }
 
-    /// User frames then kernel frames, or why there is no user stack.
-    fn frames(&self, r: Option<StackRef>) -> (Vec<Frame>, Option<String>) {
+    /// User frames then kernel frames, why there is no user stack, and why
+    /// the user stack is cut short.
+    fn frames(&self, r: Option<StackRef>) -> StackOut {
         let Some(r) = r else {
-            return (Vec::new(), Some("the socket predates the tracer".into()));
+            return StackOut {
+                error: Some("the socket predates the tracer".into()),
+                ..StackOut::default()
+            };
         };
-        let get = |key: StackKey| -> Result<Vec<Frame>, String> {
+        let get = |key: StackKey| -> Result<&StackInput, String> {
             if key.id < 0 {
                 return Err(stack_id_error(key.id));
             }
-            self.stacks
-                .get(&key)
-                .cloned()
-                .unwrap_or_else(|| Err("stack was not recorded".into()))
+            self.stacks.get(&key).ok_or_else(|| "stack was not recorded".into())
         };
-        let mut frames = Vec::new();
-        let mut error = None;
+        let mut out = StackOut::default();
         match get(StackKey {
             pid: r.pid,
             id: r.ustack,
         }) {
-            Ok(f) => frames.extend(f),
-            Err(e) => error = Some(e),
+            Ok(s) => match &s.frames {
+                Ok(f) => {
+                    out.frames.extend(f.iter().cloned());
+                    out.truncated = s.truncated.clone();
+                }
+                Err(e) => out.error = Some(e.clone()),
+            },
+            Err(e) => out.error = Some(e),
         }
-        if let Ok(f) = get(StackKey { pid: 0, id: r.kstack }) {
-            frames.extend(f);
+        if let Ok(Ok(f)) = get(StackKey { pid: 0, id: r.kstack }).map(|s| &s.frames) {
+            out.frames.extend(f.iter().cloned());
         }
-        (frames, error)
+        out
     }
 
     pub fn status(&self) -> Status {

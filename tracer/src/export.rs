@@ -273,6 +273,12 @@ fn folded(replay: &Replay) -> Result<Vec<String>> {
         }
         for f in user.iter().rev() {
             let name = match (&f.symbol, &f.module, &f.offset) {
+                // Java frames with their line: one method connects from
+                // several places.
+                (Some(s), _, _) if f.is_java() => match f.line {
+                    Some(line) => format!("{s}:{line}"),
+                    None => s.clone(),
+                },
                 (Some(s), _, _) => s.clone(),
                 (None, Some(m), Some(o)) => format!("{m}+{o}"),
                 _ => f.ip.clone(),

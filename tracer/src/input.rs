@@ -20,6 +20,9 @@ pub struct StackKey {
 pub struct StackInput {
     pub key: StackKey,
     pub frames: Result<Vec<Frame>, String>,
+    /// Why the stack ends before its outermost frame, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

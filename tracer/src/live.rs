@@ -22,8 +22,8 @@ use tracer_common::tcp;
 use crate::{
     cli::TraceArgs,
     clock::{self, WallClock},
-    correlate::{Correlator, StackRef},
-    decode::{decode, Event},
+    correlate::Correlator,
+    decode::{decode_record, Event, Record},
     engine::Engine,
     evidence,
     input::{EndInput, EvidenceInput, ExitInput, Input, SnapshotInput, StatsInput},
@@ -348,11 +348,15 @@ impl Session {
         loop {
             // The item borrows the ring buffer: decode (a copy) and let go.
             let decoded = match kernel.events.next() {
-                Some(item) => decode(&item),
+                Some(item) => decode_record(&item),
                 None => break,
             };
-            let ev = match decoded {
-                Ok(ev) => ev,
+            let mut ev = match decoded {
+                Ok(Record::Event(ev)) => ev,
+                Ok(Record::UserStack(w)) => {
+                    self.stacks.walked(w);
+                    continue;
+                }
                 Err(e) => {
                     self.decode_errors += 1;
                     if self.decode_errors == 1 {
@@ -363,19 +367,17 @@ impl Session {
             };
             // Owners' names and stacks are read now, while they still run.
             let owner = match &ev {
-                Event::State(s) if s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT => Some(&s.header),
-                Event::Accept(f) => Some(&f.header),
-                Event::Close(f) => {
-                    self.stacks.learn(kernel, StackRef::of(&f.header), &mut self.inputs);
-                    None
-                }
-                Event::State(_) => None,
+                Event::State(s) => s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT,
+                Event::Accept(_) => true,
+                Event::Close(_) => false,
             };
-            if let Some(h) = owner {
-                if let Some(p) = self.names.learn(h.tgid) {
+            if owner {
+                if let Some(p) = self.names.learn(ev.header().tgid) {
                     self.inputs.push(Input::Process(p));
                 }
-                self.stacks.learn(kernel, StackRef::of(h), &mut self.inputs);
+            }
+            if owner || matches!(ev, Event::Close(_)) {
+                self.stacks.learn(kernel, ev.header_mut(), &mut self.inputs);
             }
             self.inputs.push(Input::Kernel(ev));
             if self.inputs.len() >= 1024 {

@@ -8,6 +8,7 @@ mod engine;
 mod evidence;
 mod export;
 mod input;
+mod jvm;
 mod kernel;
 mod live;
 mod procs;

@@ -41,11 +41,17 @@ pub struct LeakOut {
     /// innermost first.
     pub open_stack: Vec<Frame>,
     pub open_stack_error: Option<String>,
+    /// Why the opening stack ends before its outermost frame (a broken
+    /// frame-pointer chain, the depth bound), and what to do about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_stack_truncated: Option<String>,
     /// Where an fd to it was last closed, when one was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_stack: Option<Vec<Frame>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_stack_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_stack_truncated: Option<String>,
     /// A close() of an fd to this socket that did not end it: another
     /// process or fd still holds the socket.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,12 +65,21 @@ pub struct ClosedBy {
     pub fd: i32,
 }
 
+/// A stack as shown: frames (user then kernel, each innermost first), why
+/// there is no user stack, and why it is cut short.
+#[derive(Clone, Debug, Default)]
+pub struct StackOut {
+    pub frames: Vec<Frame>,
+    pub error: Option<String>,
+    pub truncated: Option<String>,
+}
+
 /// What building a [`LeakOut`] draws on: what the engine has learned.
 pub struct Enrich<'a> {
     pub names: &'a HashMap<u32, ProcInfo>,
     pub evidence: &'a HashMap<u64, Evidence>,
     /// Symbolized frames for a stack reference, or why there are none.
-    pub stacks: &'a dyn Fn(Option<StackRef>) -> (Vec<Frame>, Option<String>),
+    pub stacks: &'a dyn Fn(Option<StackRef>) -> StackOut,
 }
 
 impl LeakOut {
@@ -88,14 +103,8 @@ impl LeakOut {
                 .map(|e| f(e).to_string())
                 .unwrap_or_else(|| "?".into())
         };
-        let (open_stack, open_stack_error) = (e.stacks)(l.open_stack);
-        let (close_stack, close_stack_error) = match l.last_close {
-            Some(c) => {
-                let (f, err) = (e.stacks)(Some(c.stack));
-                (Some(f), err)
-            }
-            None => (None, None),
-        };
+        let open = (e.stacks)(l.open_stack);
+        let close = l.last_close.map(|c| (e.stacks)(Some(c.stack)));
         LeakOut {
             pid,
             comm,
@@ -110,10 +119,12 @@ impl LeakOut {
             unread_bytes: ev.and_then(|ev| ev.unread_now),
             unread_bytes_at_fin: l.unread_at_fin,
             holders,
-            open_stack,
-            open_stack_error,
-            close_stack,
-            close_stack_error,
+            open_stack: open.frames,
+            open_stack_error: open.error,
+            open_stack_truncated: open.truncated,
+            close_stack_error: close.as_ref().and_then(|c| c.error.clone()),
+            close_stack_truncated: close.as_ref().and_then(|c| c.truncated.clone()),
+            close_stack: close.map(|c| c.frames),
             fd_closed_by: l.last_close.map(|c| ClosedBy {
                 pid: c.pid,
                 tid: c.tid,
@@ -122,12 +133,13 @@ impl LeakOut {
         }
     }
 
-    /// The opening stack's user frames, as a grouping key.
-    fn stack_key(&self) -> Vec<&str> {
+    /// The opening stack's user frames, as a grouping key: the function
+    /// and, for Java frames, the line (one method calls out from many).
+    fn stack_key(&self) -> Vec<(&str, Option<u32>)> {
         self.open_stack
             .iter()
             .filter(|f| !f.kernel)
-            .map(|f| f.symbol.as_deref().unwrap_or(&f.ip))
+            .map(|f| (f.symbol.as_deref().unwrap_or(&f.ip), f.line.filter(|_| f.is_java())))
             .collect()
     }
 }
@@ -143,10 +155,12 @@ pub struct Group {
     /// Sum of the group's unread bytes.
     pub unread_bytes: u64,
     pub open_stack: Vec<Frame>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_stack_truncated: Option<String>,
 }
 
 pub fn group(leaks: &[LeakOut]) -> Vec<Group> {
-    let mut groups: Vec<(Vec<&str>, Group)> = Vec::new();
+    let mut groups: Vec<(Vec<(&str, Option<u32>)>, Group)> = Vec::new();
     for l in leaks {
         let key = l.stack_key();
         match groups
@@ -168,6 +182,7 @@ pub fn group(leaks: &[LeakOut]) -> Vec<Group> {
                     oldest_close_wait_ms: l.close_wait_ms,
                     unread_bytes: u64::from(l.unread_bytes.unwrap_or(0)),
                     open_stack: l.open_stack.clone(),
+                    open_stack_truncated: l.open_stack_truncated.clone(),
                 },
             )),
         }

@@ -24,6 +24,11 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The cargo feature selecting bpf-linker's LLVM; must match `LLVM_MAJOR`.
 const BPF_LINKER_FEATURE: &str = "llvm-22";
+/// The JDK the JVM integration tests (tests/tests/java.rs) compile their
+/// fixture with and run it on.
+const JDK_PACKAGE: &str = "openjdk-17-jdk-headless";
+/// The oldest `javac` accepted (a newer JDK already installed will do).
+const JDK_MIN_MAJOR: u32 = 17;
 
 /// What the other commands need from setup: a PATH on which the tools just
 /// checked are found by children (cargo's build scripts call `rustup` and
@@ -125,7 +130,11 @@ pub fn run() -> Result<Prepared> {
 /// System packages from apt. Checked together so that a non-root user gets
 /// one command covering everything that needs root.
 fn ensure_apt_packages(path: &mut SearchPath) -> Result<()> {
-    let apt: [(&str, CheckFn); 2] = [(LLVM_PACKAGE, check_llvm), ("iproute2", check_ss)];
+    let apt: [(&str, CheckFn); 3] = [
+        (LLVM_PACKAGE, check_llvm),
+        ("iproute2", check_ss),
+        (JDK_PACKAGE, check_jdk),
+    ];
     let mut missing = Vec::new();
     for (package, check) in apt {
         match check(path) {
@@ -277,6 +286,54 @@ fn check_ss(path: &mut SearchPath) -> Check {
     })
 }
 
+/// The JVM integration tests compile their fixture with `javac` and run it
+/// with `java`: both must run, and `javac -version` must report
+/// `JDK_MIN_MAJOR` or newer.
+fn check_jdk(path: &mut SearchPath) -> Check {
+    let Some(javac) = find_on_path("javac") else {
+        return Check::Missing("`javac` not found on PATH".into());
+    };
+    // `javac 17.0.15`, on stdout since JDK 9 (on stderr before, which
+    // `probe` drops: then the version is unreadable, and too old anyway).
+    let Some(version) = probe(Command::new(&javac).arg("-version")) else {
+        return Check::Missing(format!("`{} -version` did not run", javac.display()));
+    };
+    let Some(major) = javac_major(&version) else {
+        return Check::Missing(format!(
+            "cannot read the version in `{} -version`: {version:?}",
+            javac.display()
+        ));
+    };
+    if major < JDK_MIN_MAJOR {
+        return Check::Missing(format!(
+            "{} is {version}, need {JDK_MIN_MAJOR} or newer",
+            javac.display()
+        ));
+    }
+    if find_on_path("java").is_none() {
+        return Check::Missing("`java` not found on PATH".into());
+    }
+    if let Some(dir) = javac.parent() {
+        path.append(dir);
+    }
+    Check::Ok(format!("{version}, {}", javac.display()))
+}
+
+/// The major version in `javac -version` output: `javac 17.0.15` -> 17,
+/// `javac 1.8.0_392` -> 8.
+fn javac_major(text: &str) -> Option<u32> {
+    let version = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("javac "))?
+        .split_whitespace()
+        .next()?;
+    let mut parts = version.split(|c: char| !c.is_ascii_digit());
+    match parts.next()?.parse().ok()? {
+        1 => parts.next()?.parse().ok(),
+        major => Some(major),
+    }
+}
+
 fn toolchain_installed(rustup: &Path) -> bool {
     probe(Command::new(rustup).args(["toolchain", "list"])).is_some_and(|list| {
         list.lines().any(|l| {
@@ -371,4 +428,21 @@ fn installed_features(bin: &Path) -> Option<Vec<String>> {
         .find(|(key, _)| key.starts_with(&format!("bpf-linker {BPF_LINKER_VERSION} ")))?;
     let features = entry["features"].as_array()?;
     Some(features.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn javac_versions() {
+        assert_eq!(javac_major("javac 17.0.15"), Some(17));
+        assert_eq!(javac_major("javac 21"), Some(21));
+        assert_eq!(javac_major("javac 1.8.0_392"), Some(8));
+        assert_eq!(
+            javac_major("Picked up JAVA_TOOL_OPTIONS: -Xss1m\njavac 17.0.2"),
+            Some(17)
+        );
+        assert_eq!(javac_major("error"), None);
+    }
 }

@@ -52,6 +52,10 @@ pub struct KernelStats {
     /// Open stacks not taken: over the process's `--stack-rate` budget.
     #[serde(default)]
     pub stacks_sampled_out: u64,
+    /// User stacks deeper than the eBPF walk follows (`MAX_USER_FRAMES`):
+    /// their outermost frames are cut, and each says so.
+    #[serde(default)]
+    pub stack_walk_truncated: u64,
 }
 
 pub struct Kernel {
@@ -199,6 +203,7 @@ impl Kernel {
             close_range_truncated: sum(stats::CLOSE_RANGE_TRUNCATED)?,
             stack_errors: sum(stats::STACK_ERRORS)?,
             stacks_sampled_out: sum(stats::STACKS_SAMPLED_OUT)?,
+            stack_walk_truncated: sum(stats::STACK_WALK_TRUNCATED)?,
         })
     }
 

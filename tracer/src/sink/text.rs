@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 
 use super::{EventOut, LeakOut, Loss, Sink, Start, Status, Summary};
-use crate::stacks::Frame;
+use crate::stacks::{Frame, FrameKind};
 
 pub struct TextSink<W: Write, E: Write> {
     out: W,
@@ -79,9 +79,21 @@ fn hint(unread: u64, count: usize) -> Option<String> {
     })
 }
 
-/// A stack as indented lines, innermost first.
-fn write_stack(o: &mut impl Write, frames: &[Frame], error: Option<&str>, indent: &str) -> io::Result<()> {
+/// A stack as indented lines, innermost first; Java frames the way a Java
+/// stack trace prints them. `error`: why there is no stack; `truncated`:
+/// why it stops early.
+fn write_stack(
+    o: &mut impl Write,
+    frames: &[Frame],
+    error: Option<&str>,
+    truncated: Option<&str>,
+    indent: &str,
+) -> io::Result<()> {
     for f in frames {
+        if f.is_java() {
+            writeln!(o, "{indent}{}", java_line(f))?;
+            continue;
+        }
         let what = match (&f.symbol, &f.module, &f.offset) {
             (Some(sym), _, _) => sym.clone(),
             (None, Some(m), Some(off)) => format!("{m}+{off}"),
@@ -102,7 +114,28 @@ fn write_stack(o: &mut impl Write, frames: &[Frame], error: Option<&str>, indent
     if let Some(e) = error {
         writeln!(o, "{indent}(no stack: {e})")?;
     }
+    if let Some(t) = truncated {
+        writeln!(o, "{indent}(stack cut here: {t})")?;
+    }
     Ok(())
+}
+
+/// `at pkg.Class.method(File.java:13)`, plus the frame's kind when the JIT
+/// compiled or inlined it. Parameter types are left out, as Java does.
+fn java_line(f: &Frame) -> String {
+    let symbol = f.symbol.as_deref().unwrap_or("?");
+    let name = symbol.split_once('(').map_or(symbol, |(n, _)| n);
+    let loc = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!("{file}:{line}"),
+        (Some(file), None) => file.clone(),
+        (None, _) => "Unknown Source".into(),
+    };
+    let kind = match f.kind {
+        FrameKind::Compiled => " [compiled]",
+        FrameKind::Inlined => " [inlined]",
+        _ => "",
+    };
+    format!("at {name}({loc}){kind}")
 }
 
 impl<W: Write, E: Write> Sink for TextSink<W, E> {
@@ -160,7 +193,13 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let user: Vec<Frame> = l.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
         if !user.is_empty() || l.open_stack_error.is_some() {
             writeln!(self.out, "      opened at:")?;
-            write_stack(&mut self.out, &user, l.open_stack_error.as_deref(), "        ")?;
+            write_stack(
+                &mut self.out,
+                &user,
+                l.open_stack_error.as_deref(),
+                l.open_stack_truncated.as_deref(),
+                "        ",
+            )?;
         }
         Ok(())
     }
@@ -218,7 +257,7 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
                     g.remote,
                     secs(g.oldest_close_wait_ms)
                 )?;
-                write_stack(o, &user, None, "      ")?;
+                write_stack(o, &user, None, g.open_stack_truncated.as_deref(), "      ")?;
                 if let Some(h) = hint(g.unread_bytes, g.count) {
                     writeln!(o, "    -> {h}")?;
                 }
@@ -235,6 +274,7 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
                         o,
                         &cs.iter().filter(|f| !f.kernel).cloned().collect::<Vec<_>>(),
                         l.close_stack_error.as_deref(),
+                        l.close_stack_truncated.as_deref(),
                         "        ",
                     )?;
                 }
@@ -249,8 +289,8 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let k = &s.stats.kernel;
         writeln!(
             o,
-            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}",
-            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out
+            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}, stacks cut at the depth bound {}",
+            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out, k.stack_walk_truncated
         )?;
         if k.ringbuf_drops > 0 {
             writeln!(

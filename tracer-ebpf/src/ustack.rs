@@ -1,0 +1,157 @@
+//! The current task's user stack, walked by frame pointer from its saved
+//! user registers (`bpf_task_pt_regs`), sent as a [`UserStackEvent`] just
+//! before the event it belongs to.
+//!
+//! Why not `bpf_get_stackid(BPF_F_USER_STACK)`: the kernel's walk keeps only
+//! return addresses. Naming a JVM's interpreted frames needs two words of
+//! each frame (HotSpot keeps the frame's `Method*` at `[fp-24]` and its
+//! bytecode pointer at `[fp-64]`), and the word at the user `sp` is the
+//! return address into the caller of a libc syscall wrapper, the frame the
+//! kernel's walk always loses. The stack also travels in the ring buffer
+//! rather than a stack map, so stacks never run out of map slots; the agent
+//! deduplicates them.
+
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    cty::c_void,
+    helpers::generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+};
+use tracer_common::{stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, USTACK_WALKED};
+
+use crate::{maps, maps::Counters};
+
+/// x86_64 `struct pt_regs` (the user registers saved at kernel entry; the
+/// layout is ABI, the same as ptrace's `user_regs_struct`): `bp` is at
+/// byte 32, `ip` at 128 and `sp` at 152. One read covers bp..=sp.
+const REGS_FROM: usize = 32;
+const REGS_WORDS: usize = 16;
+const BP: usize = 0;
+const IP: usize = (128 - REGS_FROM) / 8;
+const SP: usize = (152 - REGS_FROM) / 8;
+
+/// Largest step from one frame pointer to its caller's. A bigger one (or a
+/// step down) means the chain is broken: code that keeps data in rbp.
+const MAX_FRAME_SPAN: u64 = 1 << 20;
+
+/// One read per frame covers `[fp-64, fp+16)`: the bcp slot (word 0), the
+/// `Method*` slot (word 5), the saved frame pointer (8) and the return
+/// address (9). The words below `fp` are the callee's frame, mapped
+/// whenever `fp` is a real frame pointer.
+const WINDOW_BELOW_FP: u64 = 64;
+const WINDOW_WORDS: usize = 10;
+const SLOT_BCP: usize = 0;
+const SLOT_METHOD: usize = 5;
+const SAVED_FP: usize = 8;
+const RET: usize = 9;
+
+const ENOSPC: i32 = 28;
+
+/// Walks and sends the current task's user stack for the event whose
+/// header is `h`. Returns the value for `h.ustack`: [`USTACK_WALKED`], or
+/// `-ENOSPC` when the ring buffer had no room (counted as a stack error).
+#[inline(always)]
+pub fn walk(h: &Header, set: Counters) -> i32 {
+    let Some(mut entry) = maps::EVENTS.reserve::<UserStackEvent>(0) else {
+        maps::count(set, stats::STACK_ERRORS);
+        return -ENOSPC;
+    };
+    let ev: *mut UserStackEvent = entry.as_mut_ptr();
+    // SAFETY: `ev` is a reserved ring-buffer record of the right size,
+    // written field by field (frames past `nframes` are never read).
+    unsafe {
+        (*ev).header = *h;
+        (*ev).header.kind = EventKind::UserStack as u32;
+        let (nframes, end) = fill(&mut (*ev).frames, &mut (*ev).sp_words);
+        (*ev).nframes = nframes;
+        (*ev).end = end;
+        if end == walk_end::DEPTH {
+            maps::count(set, stats::STACK_WALK_TRUNCATED);
+        }
+    }
+    // The event that follows decides on waking the reader.
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    USTACK_WALKED
+}
+
+/// Fills `frames` from the user registers; returns how many are valid and
+/// why the walk stopped.
+///
+/// Written for the verifier, which follows every iteration of the loop:
+/// one helper call and no merging branches per frame (a fallback read that
+/// rejoined the loop made its states differ and multiply past the 1M
+/// instruction limit), and no zero-initialised scratch arrays (they compile
+/// to byte-wise memset loops); the helper initialises them.
+#[inline(always)]
+unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; SP_WORDS]) -> (u32, u32) {
+    let mut regs = MaybeUninit::<[u64; REGS_WORDS]>::uninit();
+    // SAFETY: the helper fills `regs` (or fails, and it is not read).
+    let regs = unsafe {
+        let task = bpf_get_current_task_btf();
+        let pt = bpf_task_pt_regs(task) as *const u8;
+        if bpf_probe_read_kernel(
+            regs.as_mut_ptr() as *mut c_void,
+            (REGS_WORDS * 8) as u32,
+            pt.add(REGS_FROM) as *const c_void,
+        ) != 0
+        {
+            return (0, walk_end::FAULT);
+        }
+        regs.assume_init()
+    };
+    // SAFETY: a fault-tolerant read of user memory (zeroed on a fault).
+    unsafe { read_user(sp_words, regs[SP]) };
+    frames[0].pc = regs[IP];
+    frames[0].method_slot = 0;
+    frames[0].bcp_slot = 0;
+    let mut fp = regs[BP];
+    let mut window = MaybeUninit::<[u64; WINDOW_WORDS]>::uninit();
+    for i in 1..MAX_USER_FRAMES {
+        if fp == 0 {
+            return (i as u32, walk_end::OUTERMOST);
+        }
+        if fp & 7 != 0 || fp < WINDOW_BELOW_FP {
+            return (i as u32, walk_end::BAD_FP);
+        }
+        // SAFETY: as above; `window` is only read after a successful fill.
+        let w = unsafe {
+            if bpf_probe_read_user(
+                window.as_mut_ptr() as *mut c_void,
+                (WINDOW_WORDS * 8) as u32,
+                (fp - WINDOW_BELOW_FP) as *const c_void,
+            ) != 0
+            {
+                return (i as u32, walk_end::FAULT);
+            }
+            &*window.as_ptr()
+        };
+        let pc = w[RET];
+        if pc == 0 {
+            return (i as u32, walk_end::OUTERMOST);
+        }
+        frames[i].pc = pc;
+        frames[i].method_slot = w[SLOT_METHOD];
+        frames[i].bcp_slot = w[SLOT_BCP];
+        let next = w[SAVED_FP];
+        if next <= fp || next - fp > MAX_FRAME_SPAN {
+            // A zero `next` is the outermost frame (glibc's _start and
+            // thread start clear rbp); anything else a broken chain.
+            let end = if next == 0 { walk_end::OUTERMOST } else { walk_end::BAD_FP };
+            return (i as u32 + 1, end);
+        }
+        fp = next;
+    }
+    (MAX_USER_FRAMES as u32, walk_end::DEPTH)
+}
+
+#[inline(always)]
+unsafe fn read_user<T>(dst: &mut T, addr: u64) -> i64 {
+    unsafe {
+        bpf_probe_read_user(
+            dst as *mut T as *mut c_void,
+            core::mem::size_of::<T>() as u32,
+            addr as *const c_void,
+        )
+    }
+}

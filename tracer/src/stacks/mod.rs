@@ -1,0 +1,233 @@
+//! Captured stacks -> frames, done while the process is alive (by the time
+//! a leak is reported or a recording is analysed it may be gone).
+//!
+//! User stacks arrive walked by the eBPF side ([`walk`]); kernel stacks
+//! (`--kernel-stacks`) as stack-map ids. Native frames are named by
+//! blazesym ([`native`]: ELF symbols, DWARF file:line, perf maps,
+//! kallsyms), a JVM's Java frames by the JVM itself ([`crate::jvm`]).
+
+mod native;
+mod process;
+mod walk;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+use tracer_common::{Header, UserStackEvent, MAX_USER_FRAMES, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED};
+
+use crate::{
+    input::{Input, StackInput, StackKey},
+    kernel::Kernel,
+};
+
+/// What kind of code a frame is in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameKind {
+    /// Machine code from a file (or a JVM stub): named by ELF/DWARF/perf map.
+    #[default]
+    Native,
+    Kernel,
+    /// A Java method run by HotSpot's interpreter.
+    Interpreted,
+    /// A Java method compiled by the JIT (C1/C2), or a native method's wrapper.
+    Compiled,
+    /// A Java method the JIT inlined into the compiled frame below it.
+    Inlined,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub ip: String,
+    /// Native: the function. Java: `package.Class.method(ParamTypes)`.
+    pub symbol: Option<String>,
+    /// The binary or library, where known.
+    pub module: Option<String>,
+    /// File offset of `ip` in `module`, for tools like addr2line.
+    pub offset: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub kernel: bool,
+    /// Recordings made before frames had a kind read as native.
+    #[serde(default)]
+    pub kind: FrameKind,
+    /// Why this frame has no symbol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Frame {
+    /// A frame that could not be named, and why.
+    pub fn raw(ip: u64, kind: FrameKind, reason: String) -> Frame {
+        Frame {
+            ip: format!("{ip:#x}"),
+            symbol: None,
+            module: None,
+            offset: None,
+            file: None,
+            line: None,
+            kernel: kind == FrameKind::Kernel,
+            kind,
+            reason: Some(reason),
+        }
+    }
+
+    fn named(mut self) -> Frame {
+        self.reason = None;
+        self
+    }
+
+    pub fn is_java(&self) -> bool {
+        matches!(self.kind, FrameKind::Interpreted | FrameKind::Compiled | FrameKind::Inlined)
+    }
+}
+
+/// Walks waiting for the event they belong to (sent just after them).
+const PENDING_CAP: usize = 1024;
+/// Deduplicated user stacks remembered; cleared when full (ids are never
+/// reused, so a cleared stack is only symbolized again).
+const IDS_CAP: usize = 65536;
+
+/// Symbolizes each distinct stack once, while its process is alive, and
+/// hands the result on as an input (so a recording carries it).
+pub struct StackSymbolizer {
+    native: native::NativeSymbolizer,
+    procs: process::Processes,
+    /// Walks by (tid, ktime_ns) of their event.
+    pending: HashMap<(u32, u64), Box<UserStackEvent>>,
+    pending_order: VecDeque<(u32, u64)>,
+    /// Distinct user stacks (pid, content hash) -> the id they were given.
+    ids: HashMap<(u32, u64), i32>,
+    next_id: i32,
+    /// Kernel stack ids already symbolized.
+    kernel_seen: HashSet<i32>,
+    cap: usize,
+    hasher: foldhash::fast::FixedState,
+}
+
+impl StackSymbolizer {
+    pub fn new(cap: usize) -> Self {
+        StackSymbolizer {
+            native: native::NativeSymbolizer::new(),
+            procs: process::Processes::default(),
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            ids: HashMap::new(),
+            next_id: 0,
+            kernel_seen: HashSet::new(),
+            cap,
+            hasher: foldhash::fast::FixedState::default(),
+        }
+    }
+
+    /// A user stack walked in eBPF; its event follows.
+    pub fn walked(&mut self, w: Box<UserStackEvent>) {
+        let key = (w.header.tid, w.header.ktime_ns);
+        if self.pending.len() >= PENDING_CAP {
+            // Its event was lost (a counted ring-buffer drop).
+            if let Some(old) = self.pending_order.pop_front() {
+                self.pending.remove(&old);
+            }
+        }
+        if self.pending.insert(key, w).is_none() {
+            self.pending_order.push_back(key);
+        }
+    }
+
+    /// Gives the event's walked user stack its id (in `h.ustack`) and
+    /// pushes inputs for the stacks `h` refers to that were not seen yet.
+    pub fn learn(&mut self, k: &Kernel, h: &mut Header, out: &mut Vec<Input>) {
+        if h.ustack == USTACK_WALKED {
+            if let Some(w) = self.pending.remove(&(h.tid, h.ktime_ns)) {
+                h.ustack = self.user_stack(h.tgid, &w, out);
+            }
+            // Otherwise the walk's record was lost: USTACK_WALKED stays,
+            // and says so.
+        }
+        if h.kstack >= 0 && !self.kernel_seen.contains(&h.kstack) {
+            if self.kernel_seen.len() >= self.cap {
+                self.kernel_seen.clear();
+            }
+            self.kernel_seen.insert(h.kstack);
+            let frames = k.stack_ips(h.kstack).map(|ips| self.native.kernel(&ips));
+            out.push(Input::Stack(StackInput {
+                key: StackKey { pid: 0, id: h.kstack },
+                frames,
+                truncated: None,
+            }));
+        }
+    }
+
+    fn user_stack(&mut self, pid: u32, w: &UserStackEvent, out: &mut Vec<Input>) -> i32 {
+        let key = (pid, self.content_hash(pid, w));
+        if let Some(&id) = self.ids.get(&key) {
+            return id;
+        }
+        if self.ids.len() >= IDS_CAP.min(self.cap) {
+            self.ids.clear();
+        }
+        self.next_id = if self.next_id == i32::MAX { 0 } else { self.next_id + 1 };
+        let id = self.next_id;
+        self.ids.insert(key, id);
+        let unwound = walk::unwind(pid, w, &mut self.procs, &self.native);
+        out.push(Input::Stack(StackInput {
+            key: StackKey { pid, id },
+            truncated: unwound.as_ref().ok().and_then(|u| u.truncated.clone()),
+            frames: unwound.map(|u| u.frames),
+        }));
+        id
+    }
+
+    /// Identifies a stack by its return addresses; in a JVM also by the
+    /// interpreter slots of frames in JIT code (anonymous executable
+    /// memory), since one interpreter address runs every Java method. The
+    /// slots of native frames are their locals: they would only make every
+    /// capture look new.
+    fn content_hash(&mut self, pid: u32, w: &UserStackEvent) -> u64 {
+        let n = (w.nframes as usize).min(MAX_USER_FRAMES);
+        let frames = &w.frames[..n];
+        let mut h = self.hasher.build_hasher();
+        w.end.hash(&mut h);
+        let pcs: Vec<u64> = frames.iter().map(|f| f.pc).collect();
+        let ctx = self.procs.get(pid, &pcs);
+        // Of the words at sp only code addresses matter (the rest are the
+        // wrapper's locals, new in every call).
+        for &word in &w.sp_words {
+            if ctx.as_ref().is_some_and(|c| c.exec_map(word).is_some()) {
+                word.hash(&mut h);
+            }
+        }
+        let is_jvm = ctx.as_ref().is_some_and(|c| c.jvm.is_some());
+        for (k, f) in frames.iter().enumerate() {
+            f.pc.hash(&mut h);
+            let owner_is_jit = k > 0
+                && is_jvm
+                && ctx
+                    .as_ref()
+                    .and_then(|c| c.exec_map(frames[k - 1].pc))
+                    .is_none_or(|m| m.anonymous);
+            if owner_is_jit {
+                (f.method_slot, f.bcp_slot).hash(&mut h);
+            }
+        }
+        h.finish()
+    }
+}
+
+/// What a failed or missing stack id means, in words.
+pub fn stack_id_error(id: i32) -> String {
+    match id {
+        NO_STACK => "not captured for this event".into(),
+        STACKS_OFF => "not captured: stacks were off (--no-stacks)".into(),
+        STACKS_SAMPLED_OUT => {
+            "not captured: the process opened sockets faster than its stack budget (--stack-rate); counted in stacks_sampled_out".into()
+        }
+        x if x == -libc::EEXIST => "stack map full or hash collision: stack lost (counted in stack_errors)".into(),
+        x if x == -libc::EFAULT => "stack could not be read".into(),
+        x if x == -libc::ENOMEM => "stack map full: stack lost (counted in stack_errors)".into(),
+        USTACK_WALKED => "the stack walked for this event was not found (dropped while waiting for its event)".into(),
+        x if x == -libc::ENOSPC => "no room in the ring buffer for the stack: stack lost (counted in stack_errors)".into(),
+        x => format!("stack capture failed (errno {})", -x),
+    }
+}

@@ -1,0 +1,151 @@
+//! What the stack unwinder needs to know about one process: its executable
+//! mappings (is a return address code at all?) and, for a JVM, the handle
+//! that names Java frames. Cached per pid and re-checked against the
+//! process's start time, since pids are reused.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use procfs::process::{MMPermissions, MMapPath, Process};
+
+use crate::jvm::Jvm;
+
+/// How long a cached process is trusted before its start time is checked
+/// again (a pid can be reused).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Bound on cached processes; the least recently checked go first.
+const CAP: usize = 4096;
+
+/// An executable mapping.
+#[derive(Clone, Debug)]
+pub struct ExecMap {
+    pub start: u64,
+    pub end: u64,
+    /// No file behind it: JIT code (a JVM's code cache, V8's heap).
+    pub anonymous: bool,
+}
+
+pub struct ProcessContext {
+    /// `/proc/PID/mem`, to look at the code before a return address.
+    mem: Option<std::fs::File>,
+    start_time: u64,
+    checked: Instant,
+    exec: Vec<ExecMap>,
+    /// The JVM handle, or why this JVM's frames cannot be named. None for
+    /// a process that is not a JVM.
+    pub jvm: Option<Result<Jvm, String>>,
+}
+
+impl ProcessContext {
+    fn load(pid: u32) -> Option<Self> {
+        let p = Process::new(pid as i32).ok()?;
+        let start_time = p.stat().ok()?.starttime;
+        let mut ctx = ProcessContext {
+            mem: std::fs::File::open(format!("/proc/{pid}/mem")).ok(),
+            start_time,
+            checked: Instant::now(),
+            exec: Vec::new(),
+            jvm: None,
+        };
+        ctx.refresh_maps(&p);
+        ctx.jvm = match Jvm::attach(pid) {
+            Ok(None) => None,
+            Ok(Some(j)) => Some(Ok(j)),
+            Err(e) => {
+                log::warn!("pid {pid} runs a JVM whose frames cannot be named: {e:#}");
+                Some(Err(format!("{e:#}")))
+            }
+        };
+        Some(ctx)
+    }
+
+    fn refresh_maps(&mut self, p: &Process) {
+        let Ok(maps) = p.maps() else { return };
+        self.exec = maps
+            .into_iter()
+            .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
+            .map(|m| ExecMap {
+                start: m.address.0,
+                end: m.address.1,
+                anonymous: matches!(m.pathname, MMapPath::Anonymous | MMapPath::Other(_)),
+            })
+            .collect();
+    }
+
+    pub fn exec_map(&self, addr: u64) -> Option<&ExecMap> {
+        self.exec.iter().find(|m| m.start <= addr && addr < m.end)
+    }
+
+    /// Whether `addr` is a return address: code right after a call
+    /// instruction (x86_64: `call rel32`, `call *reg`, `call *[reg+disp]`,
+    /// `call *[rip+disp]`). A word on the stack that passes this is a
+    /// saved return address, not data that happens to point into code.
+    pub fn follows_call(&self, addr: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let (Some(mem), Some(from)) = (&self.mem, addr.checked_sub(7)) else {
+            return false;
+        };
+        let mut b = [0u8; 7];
+        if mem.read_exact_at(&mut b, from).is_err() {
+            return false;
+        }
+        // b[7 - k] is the byte k before addr.
+        let before = |k: usize| b[7 - k];
+        before(5) == 0xe8
+            || (before(2) == 0xff && before(1) & 0xf8 == 0xd0)
+            || (before(3) == 0xff && before(2) & 0xf8 == 0x50)
+            || (before(4) == 0xff && before(3) == 0x54)
+            || (before(6) == 0xff && (before(5) == 0x15 || before(5) & 0xf8 == 0x90))
+    }
+
+    pub fn jvm(&mut self) -> Option<&mut Jvm> {
+        self.jvm.as_mut().and_then(|j| j.as_mut().ok())
+    }
+}
+
+/// Per-pid [`ProcessContext`]s.
+#[derive(Default)]
+pub struct Processes {
+    by_pid: HashMap<u32, ProcessContext>,
+}
+
+impl Processes {
+    /// The context for `pid`, loaded or re-validated as needed; None when
+    /// the process is gone. `addrs` are addresses the caller is about to
+    /// classify: a miss re-reads the mappings once (a library loaded since).
+    pub fn get(&mut self, pid: u32, addrs: &[u64]) -> Option<&mut ProcessContext> {
+        let stale = match self.by_pid.get(&pid) {
+            None => true,
+            Some(c) if c.checked.elapsed() > RECHECK => {
+                let start = Process::new(pid as i32).ok().and_then(|p| p.stat().ok()).map(|s| s.starttime);
+                start != Some(c.start_time)
+            }
+            Some(_) => false,
+        };
+        if stale {
+            self.by_pid.remove(&pid);
+            if self.by_pid.len() >= CAP {
+                self.evict();
+            }
+            let ctx = ProcessContext::load(pid)?;
+            self.by_pid.insert(pid, ctx);
+        }
+        let ctx = self.by_pid.get_mut(&pid)?;
+        ctx.checked = if stale { Instant::now() } else { ctx.checked };
+        if addrs.iter().any(|&a| ctx.exec_map(a).is_none()) {
+            if let Ok(p) = Process::new(pid as i32) {
+                ctx.refresh_maps(&p);
+            }
+        }
+        Some(ctx)
+    }
+
+    fn evict(&mut self) {
+        let mut by_age: Vec<(Instant, u32)> = self.by_pid.iter().map(|(&p, c)| (c.checked, p)).collect();
+        by_age.sort();
+        for (_, pid) in by_age.into_iter().take(CAP / 4) {
+            self.by_pid.remove(&pid);
+        }
+    }
+}
