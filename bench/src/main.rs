@@ -406,6 +406,7 @@ fn configurations(s: &Settings, peers: Vec<Observer>) -> Vec<Config> {
         plain(Workload::Churn, Observer::Tracer(TracerKind::Record)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::PidFilter)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::NoStacks)),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::AllStacks)),
     ];
     v.extend(peers.into_iter().map(|p| plain(Workload::Churn, p)));
     v.push(plain(Workload::ChurnLeak, Observer::Baseline));

@@ -44,6 +44,10 @@ pub enum TracerKind {
     PidFilter,
     /// `tracer live --json --no-stacks`: what the open stacks cost.
     NoStacks,
+    /// `tracer live --json --stack-rate 0`: an open stack for every
+    /// connect and accept, so that with [`TracerKind::NoStacks`] the cost of
+    /// one stack walk can be told.
+    AllStacks,
 }
 
 impl Observer {
@@ -56,6 +60,7 @@ impl Observer {
             Observer::Tracer(TracerKind::Record) => format!("tracer record{extra}"),
             Observer::Tracer(TracerKind::PidFilter) => format!("tracer live --json --pid <idle>{extra}"),
             Observer::Tracer(TracerKind::NoStacks) => format!("tracer live --json --no-stacks{extra}"),
+            Observer::Tracer(TracerKind::AllStacks) => format!("tracer live --json --stack-rate 0{extra}"),
             Observer::Bcc(_) => "bcc tcpstates".into(),
             Observer::Bpftrace(_) => "bpftrace one-liner".into(),
             Observer::Strace(_) => "strace -f (client)".into(),
@@ -157,7 +162,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
             cmd.arg("live");
             None
         }
-        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks => {
+        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks | TracerKind::AllStacks => {
             cmd.args(["live", "--json"]);
             Some(s.tmp.join(format!("{}.jsonl", s.stem)))
         }
@@ -170,6 +175,9 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
     if kind == TracerKind::NoStacks {
         cmd.arg("--no-stacks");
     }
+    if kind == TracerKind::AllStacks {
+        cmd.args(["--stack-rate", "0"]);
+    }
     if kind == TracerKind::PidFilter {
         let pid = s.pid.context("no idle process for --pid")?;
         cmd.args(["--pid", &pid.to_string()]);
@@ -178,7 +186,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
         cmd.args(["--leak-after", l]);
     }
     let out = match (&output, kind) {
-        (Some(path), TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks) => {
+        (Some(path), TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks | TracerKind::AllStacks) => {
             Out::File(File::create(path).with_context(|| format!("creating {}", path.display()))?)
         }
         _ => Out::Null,
@@ -192,7 +200,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
         TracerKind::Record => p.wait_until("its 'tracer: recording to' line", READY_TIMEOUT, |p| {
             p.stderr_line("tracer: recording to").is_some()
         })?,
-        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks => {
+        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks | TracerKind::AllStacks => {
             let path = output.clone().expect("json output");
             p.wait_until("its start line", READY_TIMEOUT, |_| first_line_is_start(&path))?
         }

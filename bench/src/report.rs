@@ -63,6 +63,8 @@ pub struct Row {
     pub agent_start_s: Option<f64>,
     pub agent_cpu_s: Option<f64>,
     pub bpf_cpu_s: Option<f64>,
+    /// eBPF time per connection in the accounting run.
+    pub bpf_ns_per_conn: Option<f64>,
     /// Largest over the runs.
     pub agent_peak_rss_kib: Option<u64>,
     pub output_bytes: Option<f64>,
@@ -120,6 +122,10 @@ pub fn rows(configs: &[Config], results: &[RunResult]) -> Vec<Row> {
                 agent_start_s: med(&|r| r.agent_start_s),
                 agent_cpu_s: med(&|r| r.agent_cpu_s),
                 bpf_cpu_s: median(accounted.iter().filter_map(|r| r.bpf_cpu_s)),
+                bpf_ns_per_conn: median(accounted.iter().filter_map(|r| match (r.bpf_cpu_s, r.connections) {
+                    (Some(s), Some(n)) if n > 0 => Some(s * 1e9 / n as f64),
+                    _ => None,
+                })),
                 agent_peak_rss_kib: ok.iter().filter_map(|r| r.agent_peak_rss_kib).max(),
                 output_bytes: med(&|r| r.output_bytes.map(|n| n as f64)),
                 leaks_reported: med(&|r| r.leaks_reported.map(|n| n as f64)),
@@ -244,6 +250,10 @@ pub fn markdown(d: &Document) -> String {
         }
     }
 
+    if let Some(line) = stack_cost(d.rows) {
+        let _ = writeln!(o, "\n{line}");
+    }
+
     let _ = writeln!(
         o,
         "\nColumns: see docs/bench.md. n/a: the configuration cannot tell (text output, strace), or the runs failed.{}",
@@ -301,6 +311,26 @@ pub fn markdown(d: &Document) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM UTC`.
+/// Open stacks per churn connection with `--stack-rate 0`: the client's
+/// connect and the server's accept.
+const STACKS_PER_CONN: f64 = 2.0;
+
+/// What one user-stack walk costs in eBPF time: the churn's eBPF time per
+/// connection with every open stack, less that with none, per stack.
+fn stack_cost(rows: &[Row]) -> Option<String> {
+    let churn = |label: &str| {
+        rows.iter()
+            .find(|r| r.workload == Workload::Churn.name() && r.label == label)
+            .and_then(|r| r.bpf_ns_per_conn)
+    };
+    let all = churn("tracer live --json --stack-rate 0")?;
+    let none = churn("tracer live --json --no-stacks")?;
+    Some(format!(
+        "Open stacks: {:.0} ns of eBPF time per captured stack ((eBPF ns per connection with `--stack-rate 0`, {all:.0}, less with `--no-stacks`, {none:.0}) / {STACKS_PER_CONN} stacks per connection: the user-stack walk, its ring-buffer record, and the budget check).",
+        (all - none) / STACKS_PER_CONN
+    ))
+}
+
 pub fn utc(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -458,5 +488,43 @@ mod tests {
         assert!(md.contains("| churn | tracer live --json | 2/2 | 60 | 0.30 |"), "{md}");
         assert!(md.contains("- churn-leak · tracer live --json, run 2: boom"), "{md}");
         assert!(md.contains("1970-01-01 00:00 UTC"));
+    }
+
+    #[test]
+    fn stack_cost_is_the_difference_per_stack() {
+        let configs = [
+            Config {
+                workload: Workload::Churn,
+                observer: Observer::Tracer(TracerKind::NoStacks),
+                leak_after: None,
+            },
+            Config {
+                workload: Workload::Churn,
+                observer: Observer::Tracer(TracerKind::AllStacks),
+                leak_after: None,
+            },
+        ];
+        // 1000 connections: 1 ms of eBPF without stacks, 5 ms with two per
+        // connection: 2 µs per stack.
+        let accounting = |config, secs| RunResult {
+            config,
+            accounting: true,
+            bpf_cpu_s: Some(secs),
+            connections: Some(1000),
+            ..RunResult::default()
+        };
+        let rows = rows(
+            &configs,
+            &[
+                result(0, 0, 100.0),
+                result(1, 0, 100.0),
+                accounting(0, 0.001),
+                accounting(1, 0.005),
+            ],
+        );
+        assert_eq!(rows[0].bpf_ns_per_conn.map(f64::round), Some(1000.0));
+        let line = stack_cost(&rows).expect("both rows have eBPF time");
+        assert!(line.starts_with("Open stacks: 2000 ns"), "{line}");
+        assert_eq!(stack_cost(&rows[..1]), None, "needs both configurations");
     }
 }

@@ -236,7 +236,11 @@ fn java_interpreted_leak_names_user_code() {
     for e in &leaks {
         let stack = open_stack(&e.leak.json);
         if stack.get(1).and_then(|f| f.symbol.as_deref()) != Some(NIO_CONNECT) {
-            fail(&format!("frame #1 should be {NIO_CONNECT}, connect()'s caller"), &e.leak.json, &run);
+            fail(
+                &format!("frame #1 should be {NIO_CONNECT}, connect()'s caller"),
+                &e.leak.json,
+                &run,
+            );
         }
     }
 }

@@ -18,7 +18,9 @@ use aya_ebpf::{
     cty::c_void,
     helpers::generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
 };
-use tracer_common::{stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, USTACK_WALKED};
+use tracer_common::{
+    stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, USTACK_WALKED,
+};
 
 use crate::{maps, maps::Counters};
 
@@ -137,7 +139,11 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
         if next <= fp || next - fp > MAX_FRAME_SPAN {
             // A zero `next` is the outermost frame (glibc's _start and
             // thread start clear rbp); anything else a broken chain.
-            let end = if next == 0 { walk_end::OUTERMOST } else { walk_end::BAD_FP };
+            let end = if next == 0 {
+                walk_end::OUTERMOST
+            } else {
+                walk_end::BAD_FP
+            };
             return (i as u32 + 1, end);
         }
         fp = next;

@@ -79,6 +79,11 @@ impl CodeCache {
         Ok(true)
     }
 
+    #[cfg(test)]
+    pub fn heap_count(&self) -> usize {
+        self.heaps.as_ref().map_or(0, Vec::len)
+    }
+
     pub fn find(&mut self, mem: &dyn Memory, l: &Layout, pc: u64) -> Lookup {
         match self.setup(mem, l) {
             Ok(true) => {}

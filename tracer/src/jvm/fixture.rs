@@ -140,10 +140,10 @@ pub fn interpreted_chains() -> Vec<(&'static str, Vec<Want>)> {
 /// Thread.run(), called once, stays interpreted; Thread.sleep has a native
 /// wrapper nmethod.
 pub fn compiled_chains() -> Vec<(&'static str, Vec<Want>)> {
-    use JavaFrameKind::{Compiled, Inlined, Interpreted};
+    use JavaFrameKind::{Compiled, Inlined, Interpreted, NativeMethod};
     vec![
         ("spinner", spinner([Inlined, Compiled, Compiled, Interpreted])),
-        ("yielder", yielder([Compiled, Compiled, Compiled, Interpreted])),
+        ("yielder", yielder([NativeMethod, Compiled, Compiled, Interpreted])),
     ]
 }
 

@@ -111,7 +111,16 @@ fn sample(
     attempts: usize,
     accept: impl Fn(&[(RawFrame, JvmPc)]) -> bool,
 ) -> Result<Walk, Walk> {
-    let tid = find_thread(pid, thread).unwrap_or_else(|| panic!("no thread named {thread}"));
+    // A thread names itself once it runs, maybe after "ready" was printed.
+    let tid = (0..250)
+        .find_map(|_| {
+            let tid = find_thread(pid, thread);
+            if tid.is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            tid
+        })
+        .unwrap_or_else(|| panic!("no thread named {thread}"));
     let mem = ProcMem::open(pid).expect("open /proc/PID/mem");
     let mut last = Vec::new();
     for _ in 0..attempts {
@@ -159,7 +168,14 @@ fn names_frames_of_a_live_interpreted_jvm() {
     if !java_or_skip() {
         return;
     }
-    let java = start_spin(&["-Xint"]);
+    // Default (tiered) mode has the segmented code cache, which -Xint (as in
+    // the interpreted fixture) has not; the test's methods are kept in the
+    // interpreter by excluding them from compilation.
+    let java = start_spin(&[
+        "-XX:CompileCommand=quiet",
+        "-XX:CompileCommand=exclude,jvmtest.*::*",
+        "-XX:CompileCommand=exclude,java.lang.Thread::*",
+    ]);
     let pid = java.child.id();
     let mut jvm = Jvm::attach(pid).expect("attach").expect("the JVM maps libjvm.so");
     assert!(!jvm.preserves_frame_pointer());
@@ -173,6 +189,7 @@ fn names_frames_of_a_live_interpreted_jvm() {
             "{thread}: {walk:#?}"
         );
     }
+    assert_eq!(jvm.code_cache.heap_count(), 3, "a segmented code cache");
     // Not a JVM: no libjvm.so mapped.
     assert!(Jvm::attach(std::process::id()).unwrap().is_none());
 }
@@ -232,8 +249,8 @@ fn capture(name: &str, jvm_args: &[&str], chains: &[(&'static str, Vec<Want>)]) 
 
 /// The flags of the compiled capture; the CompileCommands pin down which
 /// calls are inlined so the expected chains hold.
+/// Default tiered mode, so the code cache is segmented (three heaps).
 pub const COMPILED_ARGS: &[&str] = &[
-    "-XX:-TieredCompilation",
     "-XX:+PreserveFramePointer",
     "-XX:CompileCommand=quiet",
     "-XX:CompileCommand=inline,jvmtest.Spin::middle",

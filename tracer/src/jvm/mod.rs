@@ -11,6 +11,14 @@
 //! `codecache` maps a pc to a code blob, `method` names a `Method*`,
 //! `nmethod` decodes compiled frames and their inlining, `flags` reads
 //! `-XX` flags, `compressed` and `descriptor` are the pure decoders.
+//! Tests: `live_tests` runs testdata/Spin.java in a real JVM and walks its
+//! threads with `ptrace`; `replay_tests` replays memory recorded from it
+//! (testdata/*.mem, *.json; expectations in `fixture`).
+//!
+//! What is not handled: a return address patched to a deopt handler names
+//! the method without a line; native wrappers are `Compiled` frames without
+//! a bci; a `Method*` slot that points into reused metaspace can in theory
+//! pass the checks (pool holder pointing back at its pool, sane symbols).
 
 mod codecache;
 mod compressed;
@@ -47,6 +55,10 @@ pub enum JavaFrameKind {
     Interpreted,
     Compiled,
     Inlined,
+    /// The compiled wrapper through which a `native` Java method is called
+    /// (no bci, no line). Unlike other compiled code it always keeps a
+    /// frame pointer, so the walk above it can be trusted.
+    NativeMethod,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -36,7 +36,7 @@ pub fn name(mem: &dyn Memory, l: &Layout, blob: &Blob, pc: u64) -> JvmPc {
     // A native wrapper (the compiled stub that calls a `native` method)
     // has no Java scopes and no bci; its own frame always sets up rbp.
     if blob.name == "native nmethod" {
-        return JvmPc::Java(vec![outer()]);
+        return JvmPc::Java(vec![info.frame(mem, None, JavaFrameKind::NativeMethod)]);
     }
     let pcs = match scopes_pcs(mem, l, blob) {
         Ok(p) => p,

@@ -84,6 +84,8 @@ fn reads_vmstructs_tables_from_recorded_jvm() {
 fn names_interpreted_frames_from_recorded_jvm() {
     let (fixture, mut jvm, frames) = replay("interpreted");
     assert!(fixture.jvm_args.contains(&"-Xint".to_string()));
+    // -Xint: one code heap, not segmented.
+    assert_eq!(jvm.code_cache.heap_count(), 1);
     assert!(!fixture.preserve_frame_pointer && !jvm.preserves_frame_pointer());
     for (thread, want) in interpreted_chains() {
         let named = real(&frames, thread);
@@ -134,8 +136,10 @@ fn line_table_of_a_recorded_method() {
 
 #[test]
 fn names_compiled_and_inlined_frames_from_recorded_jvm() {
-    let (fixture, _jvm, frames) = replay("compiled");
+    let (fixture, jvm, frames) = replay("compiled");
     assert!(fixture.preserve_frame_pointer);
+    // Tiered: the segmented code cache (non-nmethods, profiled, non-profiled).
+    assert_eq!(jvm.code_cache.heap_count(), 3);
     for (thread, want) in compiled_chains() {
         check_chain(&real(&frames, thread), &want).unwrap();
     }

@@ -9,11 +9,19 @@ use crate::stacks::{Frame, FrameKind};
 pub struct TextSink<W: Write, E: Write> {
     out: W,
     err: E,
+    /// The last LEAK line's owner and opening stack: a leak opened from
+    /// the same place says so instead of printing the stack again (a
+    /// JVM's stacks run to 30 frames, and a leaking call site leaks often).
+    last_stack: Option<(Option<u32>, Vec<Frame>)>,
 }
 
 impl<W: Write, E: Write> TextSink<W, E> {
     pub fn new(out: W, err: E) -> Self {
-        TextSink { out, err }
+        TextSink {
+            out,
+            err,
+            last_stack: None,
+        }
     }
 }
 
@@ -191,6 +199,11 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
     fn leak(&mut self, l: &LeakOut) -> io::Result<()> {
         writeln!(self.out, "LEAK  {}", describe(l))?;
         let user: Vec<Frame> = l.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
+        let here = (l.pid, l.open_stack.clone());
+        if !user.is_empty() && self.last_stack.as_ref() == Some(&here) {
+            return writeln!(self.out, "      opened at: the same stack as the leak above");
+        }
+        self.last_stack = (!user.is_empty()).then_some(here);
         if !user.is_empty() || l.open_stack_error.is_some() {
             writeln!(self.out, "      opened at:")?;
             write_stack(

@@ -79,7 +79,10 @@ impl Frame {
     }
 
     pub fn is_java(&self) -> bool {
-        matches!(self.kind, FrameKind::Interpreted | FrameKind::Compiled | FrameKind::Inlined)
+        matches!(
+            self.kind,
+            FrameKind::Interpreted | FrameKind::Compiled | FrameKind::Inlined
+        )
     }
 }
 

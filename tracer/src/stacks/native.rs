@@ -33,7 +33,11 @@ impl NativeSymbolizer {
         let mut p = Process::new(Pid::from(pid));
         p.perf_map = perf_map;
         let frames = self.symbolize(&Source::Process(p), ips, is_return, FrameKind::Native);
-        if perf_map && frames.iter().any(|f| f.reason.as_deref().is_some_and(|r| r.contains("perf map"))) {
+        if perf_map
+            && frames
+                .iter()
+                .any(|f| f.reason.as_deref().is_some_and(|r| r.contains("perf map")))
+        {
             // An unreadable perf map must not cost the ELF frames.
             let mut frames = self.user(pid, ips, is_return, false);
             for f in frames.iter_mut().filter(|f| f.symbol.is_none()) {

@@ -92,7 +92,12 @@ enum Named {
     Stub(String),
 }
 
-pub fn unwind(pid: u32, w: &UserStackEvent, procs: &mut Processes, native: &NativeSymbolizer) -> Result<Unwound, String> {
+pub fn unwind(
+    pid: u32,
+    w: &UserStackEvent,
+    procs: &mut Processes,
+    native: &NativeSymbolizer,
+) -> Result<Unwound, String> {
     if w.nframes == 0 {
         return Err("the task's user registers could not be read".into());
     }
@@ -137,7 +142,9 @@ pub fn unwind(pid: u32, w: &UserStackEvent, procs: &mut Processes, native: &Nati
                 break;
             }
             JvmPc::Java(frames) => {
-                let compiled = frames.last().is_some_and(|f| f.kind != JavaFrameKind::Interpreted);
+                let compiled = frames
+                    .last()
+                    .is_some_and(|f| matches!(f.kind, JavaFrameKind::Compiled | JavaFrameKind::Inlined));
                 let outer = frames.last().map(|f| f.symbol.clone()).unwrap_or_default();
                 named.push((p, Named::Java(frames)));
                 if compiled && !jvm.preserves_frame_pointer() {
@@ -187,12 +194,14 @@ fn to_frames(pid: u32, named: &[(Pc, Named)], native: &NativeSymbolizer, jvm_err
                     out.push(f);
                 }
             }
-            Named::Stub(name) => out.push(Frame {
-                symbol: Some(name.clone()),
-                module: Some("[jvm code cache]".into()),
-                ..Frame::raw(p.pc, FrameKind::Native, String::new())
-            }
-            .named()),
+            Named::Stub(name) => out.push(
+                Frame {
+                    symbol: Some(name.clone()),
+                    module: Some("[jvm code cache]".into()),
+                    ..Frame::raw(p.pc, FrameKind::Native, String::new())
+                }
+                .named(),
+            ),
             Named::Java(frames) => out.extend(frames.iter().map(|j| java_frame(p.pc, j))),
         }
     }
@@ -210,7 +219,7 @@ fn java_frame(pc: u64, j: &JavaFrame) -> Frame {
         kernel: false,
         kind: match j.kind {
             JavaFrameKind::Interpreted => FrameKind::Interpreted,
-            JavaFrameKind::Compiled => FrameKind::Compiled,
+            JavaFrameKind::Compiled | JavaFrameKind::NativeMethod => FrameKind::Compiled,
             JavaFrameKind::Inlined => FrameKind::Inlined,
         },
         reason: None,
