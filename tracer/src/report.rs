@@ -135,7 +135,7 @@ impl LeakOut {
 
     /// The opening stack's user frames, as a grouping key: the function
     /// and, for Java frames, the line (one method calls out from many).
-    fn stack_key(&self) -> Vec<(&str, Option<u32>)> {
+    fn stack_key(&self) -> StackKey<'_> {
         self.open_stack
             .iter()
             .filter(|f| !f.kernel)
@@ -143,6 +143,10 @@ impl LeakOut {
             .collect()
     }
 }
+
+/// A stack as leaks are grouped by: each user frame's function and, for a
+/// Java frame, its line.
+type StackKey<'a> = Vec<(&'a str, Option<u32>)>;
 
 /// Leaks of one process, opened from one stack, to one remote endpoint.
 #[derive(Debug, Serialize)]
@@ -160,7 +164,7 @@ pub struct Group {
 }
 
 pub fn group(leaks: &[LeakOut]) -> Vec<Group> {
-    let mut groups: Vec<(Vec<(&str, Option<u32>)>, Group)> = Vec::new();
+    let mut groups: Vec<(StackKey<'_>, Group)> = Vec::new();
     for l in leaks {
         let key = l.stack_key();
         match groups

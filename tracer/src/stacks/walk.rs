@@ -73,10 +73,10 @@ fn pcs(w: &UserStackEvent, ctx: &ProcessContext) -> Vec<Pc> {
             bcp_slot: b,
         });
     }
-    for k in 1..n {
+    for (k, e) in f.iter().enumerate().skip(1) {
         let (m, b) = slots(k + 1);
         out.push(Pc {
-            pc: f[k].pc,
+            pc: e.pc,
             is_return: true,
             method_slot: m,
             bcp_slot: b,
