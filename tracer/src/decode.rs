@@ -1,7 +1,7 @@
 //! Ring-buffer bytes -> typed events. The only place that interprets raw
 //! records; everything downstream works on [`Event`].
 
-use tracer_common::{EventKind, FdEvent, Header, StateEvent, UserStackEvent};
+use tracer_common::{EventKind, FdEvent, Header, StateEvent, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -27,11 +27,23 @@ impl Event {
 }
 
 /// A ring-buffer record: an event, or the user stack of the event that
-/// follows it (boxed: it is 3 KiB, and rare next to events).
+/// follows it.
 #[derive(Debug)]
 pub enum Record {
     Event(Event),
-    UserStack(Box<UserStackEvent>),
+    UserStack(WalkedStack),
+}
+
+/// A [`UserStackEvent`] with only its valid frames (the record has room
+/// for [`MAX_USER_FRAMES`]; copying them all cost the agent more than the
+/// rest of its work on a stack).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalkedStack {
+    pub header: Header,
+    pub sp_words: [u64; SP_WORDS],
+    /// A `tracer_common::walk_end` value.
+    pub end: u32,
+    pub frames: Vec<UserFrame>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,7 +90,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
 pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
     let header: Header = read(buf, "header")?;
     if header.kind == EventKind::UserStack as u32 {
-        let need = std::mem::size_of::<UserStackEvent>();
+        let need = std::mem::offset_of!(UserStackEvent, frames);
         if buf.len() < need {
             return Err(DecodeError::Short {
                 what: "user stack",
@@ -86,19 +98,35 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
                 need,
             });
         }
-        let mut w = Box::new(UserStackEvent {
-            header,
-            sp_words: [0; tracer_common::SP_WORDS],
-            nframes: 0,
-            end: 0,
-            frames: [tracer_common::UserFrame::default(); tracer_common::MAX_USER_FRAMES],
-        });
-        // SAFETY: length checked; plain-old-data wire type, any bit pattern
-        // valid; copied byte for byte into the box.
-        unsafe {
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), (&mut *w as *mut UserStackEvent).cast::<u8>(), need);
+        let word = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
+        let half = |off: usize| u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes"));
+        let sp_at = std::mem::offset_of!(UserStackEvent, sp_words);
+        let nframes = (half(std::mem::offset_of!(UserStackEvent, nframes)) as usize).min(MAX_USER_FRAMES);
+        let need = need + nframes * std::mem::size_of::<UserFrame>();
+        if buf.len() < need {
+            return Err(DecodeError::Short {
+                what: "user stack's frames",
+                len: buf.len(),
+                need,
+            });
         }
-        return Ok(Record::UserStack(w));
+        let frames_at = std::mem::offset_of!(UserStackEvent, frames);
+        let frames = (0..nframes)
+            .map(|i| {
+                let at = frames_at + i * std::mem::size_of::<UserFrame>();
+                UserFrame {
+                    pc: word(at),
+                    method_slot: word(at + 8),
+                    bcp_slot: word(at + 16),
+                }
+            })
+            .collect();
+        return Ok(Record::UserStack(WalkedStack {
+            header,
+            sp_words: std::array::from_fn(|i| word(sp_at + 8 * i)),
+            end: half(std::mem::offset_of!(UserStackEvent, end)),
+            frames,
+        }));
     }
     decode(buf).map(Record::Event)
 }
@@ -206,12 +234,33 @@ mod tests {
             bcp_slot: 0x8000_0080,
         };
         match decode_record(bytes_of(&w)) {
-            Ok(Record::UserStack(got)) => assert_eq!(*got, w),
+            Ok(Record::UserStack(got)) => assert_eq!(
+                got,
+                WalkedStack {
+                    header: w.header,
+                    sp_words: w.sp_words,
+                    end: w.end,
+                    frames: w.frames[..2].to_vec(),
+                }
+            ),
             other => panic!("expected a user stack, got {other:?}"),
         }
+        // Only the valid frames need to be there.
+        let valid = std::mem::offset_of!(UserStackEvent, frames) + 2 * std::mem::size_of::<UserFrame>();
+        assert!(matches!(
+            decode_record(&bytes_of(&w)[..valid]),
+            Ok(Record::UserStack(_))
+        ));
+        assert!(matches!(
+            decode_record(&bytes_of(&w)[..valid - 1]),
+            Err(DecodeError::Short {
+                what: "user stack's frames",
+                ..
+            })
+        ));
         assert_eq!(decode(bytes_of(&w)), Err(DecodeError::NotAnEvent));
         assert!(matches!(
-            decode_record(&bytes_of(&w)[..200]),
+            decode_record(&bytes_of(&w)[..100]),
             Err(DecodeError::Short { what: "user stack", .. })
         ));
         let st = match decode_record(bytes_of(&header(EventKind::Close))) {

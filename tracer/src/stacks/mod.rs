@@ -14,9 +14,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
-use tracer_common::{Header, UserStackEvent, MAX_USER_FRAMES, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED};
+use tracer_common::{Header, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED};
 
 use crate::{
+    decode::WalkedStack,
     input::{Input, StackInput, StackKey},
     kernel::Kernel,
 };
@@ -98,7 +99,7 @@ pub struct StackSymbolizer {
     native: native::NativeSymbolizer,
     procs: process::Processes,
     /// Walks by (tid, ktime_ns) of their event.
-    pending: HashMap<(u32, u64), Box<UserStackEvent>>,
+    pending: HashMap<(u32, u64), WalkedStack>,
     pending_order: VecDeque<(u32, u64)>,
     /// Distinct user stacks (pid, content hash) -> the id they were given.
     ids: HashMap<(u32, u64), i32>,
@@ -125,12 +126,16 @@ impl StackSymbolizer {
     }
 
     /// A user stack walked in eBPF; its event follows.
-    pub fn walked(&mut self, w: Box<UserStackEvent>) {
+    pub fn walked(&mut self, w: WalkedStack) {
         let key = (w.header.tid, w.header.ktime_ns);
-        if self.pending.len() >= PENDING_CAP {
-            // Its event was lost (a counted ring-buffer drop).
-            if let Some(old) = self.pending_order.pop_front() {
-                self.pending.remove(&old);
+        // Walks whose event never came (a counted ring-buffer drop) go
+        // first; keys of walks already taken are skipped on the way.
+        while self.pending.len() >= PENDING_CAP || self.pending_order.len() >= 2 * PENDING_CAP {
+            match self.pending_order.pop_front() {
+                Some(old) => {
+                    self.pending.remove(&old);
+                }
+                None => break,
             }
         }
         if self.pending.insert(key, w).is_none() {
@@ -162,7 +167,7 @@ impl StackSymbolizer {
         }
     }
 
-    fn user_stack(&mut self, pid: u32, w: &UserStackEvent, out: &mut Vec<Input>) -> i32 {
+    fn user_stack(&mut self, pid: u32, w: &WalkedStack, out: &mut Vec<Input>) -> i32 {
         let key = (pid, self.content_hash(pid, w));
         if let Some(&id) = self.ids.get(&key) {
             return id;
@@ -187,9 +192,8 @@ impl StackSymbolizer {
     /// memory), since one interpreter address runs every Java method. The
     /// slots of native frames are their locals: they would only make every
     /// capture look new.
-    fn content_hash(&mut self, pid: u32, w: &UserStackEvent) -> u64 {
-        let n = (w.nframes as usize).min(MAX_USER_FRAMES);
-        let frames = &w.frames[..n];
+    fn content_hash(&mut self, pid: u32, w: &WalkedStack) -> u64 {
+        let frames = &w.frames;
         let mut h = self.hasher.build_hasher();
         w.end.hash(&mut h);
         let pcs: Vec<u64> = frames.iter().map(|f| f.pc).collect();

@@ -30,7 +30,10 @@ pub struct ProcessContext {
     /// `/proc/PID/mem`, to look at the code before a return address.
     mem: Option<std::fs::File>,
     start_time: u64,
+    /// When the start time was last compared with the process's.
     checked: Instant,
+    /// When the mappings were last read.
+    maps_read: Instant,
     exec: Vec<ExecMap>,
     /// The JVM handle, or why this JVM's frames cannot be named. None for
     /// a process that is not a JVM.
@@ -45,6 +48,7 @@ impl ProcessContext {
             mem: std::fs::File::open(format!("/proc/{pid}/mem")).ok(),
             start_time,
             checked: Instant::now(),
+            maps_read: Instant::now(),
             exec: Vec::new(),
             jvm: None,
         };
@@ -61,6 +65,7 @@ impl ProcessContext {
     }
 
     fn refresh_maps(&mut self, p: &Process) {
+        self.maps_read = Instant::now();
         let Ok(maps) = p.maps() else { return };
         self.exec = maps
             .into_iter()
@@ -115,13 +120,11 @@ impl Processes {
     /// the process is gone. `addrs` are addresses the caller is about to
     /// classify: a miss re-reads the mappings once (a library loaded since).
     pub fn get(&mut self, pid: u32, addrs: &[u64]) -> Option<&mut ProcessContext> {
-        let stale = match self.by_pid.get(&pid) {
+        let stale = match self.by_pid.get_mut(&pid) {
             None => true,
             Some(c) if c.checked.elapsed() > RECHECK => {
-                let start = Process::new(pid as i32)
-                    .ok()
-                    .and_then(|p| p.stat().ok())
-                    .map(|s| s.starttime);
+                let start = Process::new(pid as i32).ok().and_then(|p| p.stat().ok()).map(|s| s.starttime);
+                c.checked = Instant::now();
                 start != Some(c.start_time)
             }
             Some(_) => false,
@@ -135,8 +138,9 @@ impl Processes {
             self.by_pid.insert(pid, ctx);
         }
         let ctx = self.by_pid.get_mut(&pid)?;
-        ctx.checked = if stale { Instant::now() } else { ctx.checked };
-        if addrs.iter().any(|&a| ctx.exec_map(a).is_none()) {
+        if addrs.iter().any(|&a| ctx.exec_map(a).is_none()) && ctx.maps_read.elapsed() > RECHECK {
+            // A library loaded since the mappings were read; at most once
+            // per RECHECK, since a broken chain's garbage never maps.
             if let Ok(p) = Process::new(pid as i32) {
                 ctx.refresh_maps(&p);
             }

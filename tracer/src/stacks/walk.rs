@@ -1,16 +1,19 @@
-//! A user stack walked in eBPF ([`UserStackEvent`]) -> frames: the frame
+//! A user stack walked in eBPF ([`WalkedStack`]) -> frames: the frame
 //! the kernel's walk loses (the word at `sp`), Java frames named by the JVM
 //! ([`crate::jvm`]), native frames by blazesym, and an honest cut where the
 //! chain of frame pointers can no longer be trusted.
 
-use tracer_common::{walk_end, UserStackEvent, MAX_USER_FRAMES};
+use tracer_common::{walk_end, MAX_USER_FRAMES};
 
 use super::{
     native::NativeSymbolizer,
     process::{ProcessContext, Processes},
     Frame, FrameKind,
 };
-use crate::jvm::{JavaFrame, JavaFrameKind, JvmPc};
+use crate::{
+    decode::WalkedStack,
+    jvm::{JavaFrame, JavaFrameKind, JvmPc},
+};
 
 const PRESERVE_FP_FIX: &str = "run the JVM with -XX:+PreserveFramePointer";
 
@@ -35,12 +38,11 @@ struct Pc {
 
 /// Pairs each pc with its frame's slots, and puts back the caller of a
 /// frameless syscall wrapper when the word at `sp` is code.
-fn pcs(w: &UserStackEvent, ctx: &ProcessContext) -> Vec<Pc> {
-    let n = (w.nframes as usize).min(MAX_USER_FRAMES);
-    let f = &w.frames[..n];
+fn pcs(w: &WalkedStack, ctx: &ProcessContext) -> Vec<Pc> {
+    let f = &w.frames;
     // The slots in f[k] were read from the frame of the code at f[k-1].
     let slots = |k: usize| f.get(k).map_or((0, 0), |e| (e.method_slot, e.bcp_slot));
-    let mut out = Vec::with_capacity(n + 1);
+    let mut out = Vec::with_capacity(f.len() + 1);
     let Some(first) = f.first() else { return out };
     let caller = w
         .sp_words
@@ -94,17 +96,14 @@ enum Named {
 
 pub fn unwind(
     pid: u32,
-    w: &UserStackEvent,
+    w: &WalkedStack,
     procs: &mut Processes,
     native: &NativeSymbolizer,
 ) -> Result<Unwound, String> {
-    if w.nframes == 0 {
+    if w.frames.is_empty() {
         return Err("the task's user registers could not be read".into());
     }
-    let addrs: Vec<u64> = w.frames[..(w.nframes as usize).min(MAX_USER_FRAMES)]
-        .iter()
-        .map(|f| f.pc)
-        .collect();
+    let addrs: Vec<u64> = w.frames.iter().map(|f| f.pc).collect();
     let ctx = procs
         .get(pid, &addrs)
         .ok_or_else(|| "the process exited before its stack was symbolized".to_string())?;
