@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
 };
-use tracer_common::stats;
+use tracer_common::{stats, UserStackEvent};
 
 /// All events, to the agent. Resized by the agent at load time.
 #[map]
@@ -15,6 +15,18 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Bounded; a full map makes captures fail, counted as STACK_ERRORS.
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Per CPU: where the user-stack walk builds its record before the valid
+/// part is copied into `EVENTS` (see `ustack::walk`).
+#[map]
+pub static USTACK_SCRATCH: PerCpuArray<UstackScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct UstackScratch {
+    /// Non-zero while a program on this CPU is using `event`.
+    pub busy: u64,
+    pub event: UserStackEvent,
+}
 
 /// Per process and CPU: the theoretical arrival time of the process's next
 /// open stack (GCRA, see `emit::take_open_stacks`), in slot `tgid %

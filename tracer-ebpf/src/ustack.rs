@@ -49,33 +49,63 @@ const SAVED_FP: usize = 8;
 const RET: usize = 9;
 
 const ENOSPC: i32 = 28;
+const EBUSY: i32 = 16;
 
 /// Walks and sends the current task's user stack for the event whose
-/// header is `h`. Returns the value for `h.ustack`: [`USTACK_WALKED`], or
-/// `-ENOSPC` when the ring buffer had no room (counted as a stack error).
+/// header is `h`. Returns the value for `h.ustack`: [`USTACK_WALKED`], or a
+/// counted stack error: `-ENOSPC` when the ring buffer had no room,
+/// `-EBUSY` when this CPU's scratch record was in use by a program this one
+/// preempted.
+///
+/// The walk fills a per-CPU scratch record and only its valid frames go
+/// into the ring buffer: most stacks are a few frames of the 127 a record
+/// has room for, and whole records (3 KiB) filled the ring in the bursts
+/// the stack budget allows.
 #[inline(always)]
 pub fn walk(h: &Header, set: Counters) -> i32 {
-    let Some(mut entry) = maps::EVENTS.reserve::<UserStackEvent>(0) else {
+    let Some(slot) = maps::USTACK_SCRATCH.get_ptr_mut(0) else {
         maps::count(set, stats::STACK_ERRORS);
         return -ENOSPC;
     };
-    let ev: *mut UserStackEvent = entry.as_mut_ptr();
-    // SAFETY: `ev` is a reserved ring-buffer record of the right size,
-    // written field by field (frames past `nframes` are never read).
+    // SAFETY: a per-CPU map value; programs that use it run to completion
+    // on this CPU once started (migration is disabled), so `busy`, set
+    // before the first write and cleared after the last read, keeps a
+    // program that preempted another from using the record at once.
     unsafe {
-        (*ev).header = *h;
-        (*ev).header.kind = EventKind::UserStack as u32;
-        let (nframes, end) = fill(&mut (*ev).frames, &mut (*ev).sp_words);
-        (*ev).nframes = nframes;
-        (*ev).end = end;
+        if (*slot).busy != 0 {
+            maps::count(set, stats::STACK_ERRORS);
+            return -EBUSY;
+        }
+        (*slot).busy = 1;
+        let ev = &mut (*slot).event;
+        ev.header = *h;
+        ev.header.kind = EventKind::UserStack as u32;
+        let (nframes, end) = fill(&mut ev.frames, &mut ev.sp_words);
+        ev.nframes = nframes;
+        ev.end = end;
         if end == walk_end::DEPTH {
             maps::count(set, stats::STACK_WALK_TRUNCATED);
         }
+        let n = if nframes as usize > MAX_USER_FRAMES {
+            MAX_USER_FRAMES
+        } else {
+            nframes as usize
+        };
+        let len = FRAMES_AT + n * core::mem::size_of::<UserFrame>();
+        let bytes = core::slice::from_raw_parts(ev as *const UserStackEvent as *const u8, len);
+        // The event that follows decides on waking the reader.
+        let sent = maps::EVENTS.output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64);
+        (*slot).busy = 0;
+        if sent.is_err() {
+            maps::count(set, stats::STACK_ERRORS);
+            return -ENOSPC;
+        }
     }
-    // The event that follows decides on waking the reader.
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
     USTACK_WALKED
 }
+
+/// Where the frames start in a [`UserStackEvent`].
+const FRAMES_AT: usize = core::mem::offset_of!(UserStackEvent, frames);
 
 /// Fills `frames` from the user registers; returns how many are valid and
 /// why the walk stopped.

@@ -235,6 +235,9 @@ pub fn stack_id_error(id: i32) -> String {
         x if x == -libc::ENOMEM => "stack map full: stack lost (counted in stack_errors)".into(),
         USTACK_WALKED => "the stack walked for this event was not found (dropped while waiting for its event)".into(),
         x if x == -libc::ENOSPC => "no room in the ring buffer for the stack: stack lost (counted in stack_errors)".into(),
+        x if x == -libc::EBUSY => {
+            "the stack walk's scratch record was in use by a program this one preempted: stack lost (counted in stack_errors)".into()
+        }
         x => format!("stack capture failed (errno {})", -x),
     }
 }

@@ -123,7 +123,10 @@ impl Processes {
         let stale = match self.by_pid.get_mut(&pid) {
             None => true,
             Some(c) if c.checked.elapsed() > RECHECK => {
-                let start = Process::new(pid as i32).ok().and_then(|p| p.stat().ok()).map(|s| s.starttime);
+                let start = Process::new(pid as i32)
+                    .ok()
+                    .and_then(|p| p.stat().ok())
+                    .map(|s| s.starttime);
                 c.checked = Instant::now();
                 start != Some(c.start_time)
             }

@@ -94,12 +94,7 @@ enum Named {
     Stub(String),
 }
 
-pub fn unwind(
-    pid: u32,
-    w: &WalkedStack,
-    procs: &mut Processes,
-    native: &NativeSymbolizer,
-) -> Result<Unwound, String> {
+pub fn unwind(pid: u32, w: &WalkedStack, procs: &mut Processes, native: &NativeSymbolizer) -> Result<Unwound, String> {
     if w.frames.is_empty() {
         return Err("the task's user registers could not be read".into());
     }
