@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
+use std::process::Command;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
@@ -102,6 +104,9 @@ pub enum Workload {
     Churn,
     ChurnLeak,
     ManySockets,
+    /// The churn from a JVM (bench/java/JavaChurn.java), to measure what
+    /// walking and naming a JVM's stacks costs.
+    JavaChurn,
 }
 
 impl Workload {
@@ -110,6 +115,7 @@ impl Workload {
             Workload::Churn => "churn",
             Workload::ChurnLeak => "churn-leak",
             Workload::ManySockets => "many-sockets",
+            Workload::JavaChurn => "java-churn",
         }
     }
 }
@@ -236,7 +242,23 @@ fn run(cli: Cli) -> Result<bool> {
     } else {
         detect_peers()
     };
-    let mut configs = configurations(&settings, peers);
+    let out_dir = cli
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let tmp = out_dir.join(format!("tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut skipped = skipped;
+    let java_classes = match compile_java(&tmp) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            skipped.push(why);
+            None
+        }
+    };
+    let mut configs = configurations(&settings, peers, java_classes.is_some());
     if let Some(only) = &cli.only {
         configs.retain(|c| {
             matches!(c.observer, Observer::Baseline) || c.label().contains(only) || c.workload.name().contains(only)
@@ -247,17 +269,10 @@ fn run(cli: Cli) -> Result<bool> {
         ..settings
     };
 
-    let out_dir = cli
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let tmp = out_dir.join(format!("tmp-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let ctx = Ctx {
         tracer: &cli.tracer,
         loadgen: &loadgen,
+        java_classes: java_classes.as_deref(),
         tmp: &tmp,
         settings: &settings,
     };
@@ -393,7 +408,7 @@ fn progress(r: &RunResult) -> String {
 }
 
 /// The configurations, in the order they run within each round.
-fn configurations(s: &Settings, peers: Vec<Observer>) -> Vec<Config> {
+fn configurations(s: &Settings, peers: Vec<Observer>, java: bool) -> Vec<Config> {
     let plain = |workload, observer| Config {
         workload,
         observer,
@@ -415,11 +430,42 @@ fn configurations(s: &Settings, peers: Vec<Observer>) -> Vec<Config> {
         observer: Observer::Tracer(TracerKind::Json),
         leak_after: Some(s.leak_after.clone()),
     });
+    if java {
+        v.push(plain(Workload::JavaChurn, Observer::Baseline));
+        v.push(plain(Workload::JavaChurn, Observer::Tracer(TracerKind::ClientNoStacks)));
+        v.push(plain(
+            Workload::JavaChurn,
+            Observer::Tracer(TracerKind::ClientAllStacks),
+        ));
+    }
     if !s.quick {
         v.push(plain(Workload::ManySockets, Observer::Baseline));
         v.push(plain(Workload::ManySockets, Observer::Tracer(TracerKind::Json)));
     }
     v
+}
+
+/// Compiles bench/java/JavaChurn.java into `dir` for the java-churn
+/// workload; Err says why it is left out.
+fn compile_java(dir: &Path) -> Result<PathBuf, String> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("java")
+        .join("JavaChurn.java");
+    let classes = dir.join("java");
+    let out = Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg(&source)
+        .output()
+        .map_err(|e| format!("java-churn: javac not runnable ({e}); `cargo xtask setup` installs a JDK"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "java-churn: javac {} failed: {}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(classes)
 }
 
 /// The peer tools found, and why the others are left out.

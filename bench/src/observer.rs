@@ -48,6 +48,18 @@ pub enum TracerKind {
     /// connect and accept, so that with [`TracerKind::NoStacks`] the cost of
     /// one stack walk can be told.
     AllStacks,
+    /// `tracer live --json --pid CLIENT --no-stacks` and `... --stack-rate
+    /// 0`: the two that tell what one of the client's stacks costs (with
+    /// `--pid`, the server's accepts take none).
+    ClientNoStacks,
+    ClientAllStacks,
+}
+
+impl TracerKind {
+    /// `tracer live --json` with some options, its output to a file.
+    fn is_live_json(self) -> bool {
+        !matches!(self, TracerKind::Text | TracerKind::Record)
+    }
 }
 
 impl Observer {
@@ -61,6 +73,12 @@ impl Observer {
             Observer::Tracer(TracerKind::PidFilter) => format!("tracer live --json --pid <idle>{extra}"),
             Observer::Tracer(TracerKind::NoStacks) => format!("tracer live --json --no-stacks{extra}"),
             Observer::Tracer(TracerKind::AllStacks) => format!("tracer live --json --stack-rate 0{extra}"),
+            Observer::Tracer(TracerKind::ClientNoStacks) => {
+                format!("tracer live --json --pid <client> --no-stacks{extra}")
+            }
+            Observer::Tracer(TracerKind::ClientAllStacks) => {
+                format!("tracer live --json --pid <client> --stack-rate 0{extra}")
+            }
             Observer::Bcc(_) => "bcc tcpstates".into(),
             Observer::Bpftrace(_) => "bpftrace one-liner".into(),
             Observer::Strace(_) => "strace -f (client)".into(),
@@ -162,31 +180,34 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
             cmd.arg("live");
             None
         }
-        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks | TracerKind::AllStacks => {
-            cmd.args(["live", "--json"]);
-            Some(s.tmp.join(format!("{}.jsonl", s.stem)))
-        }
         TracerKind::Record => {
             let path = s.tmp.join(format!("{}.rec", s.stem));
             cmd.arg("record").arg("-o").arg(&path);
             Some(path)
         }
+        _ => {
+            cmd.args(["live", "--json"]);
+            Some(s.tmp.join(format!("{}.jsonl", s.stem)))
+        }
     };
-    if kind == TracerKind::NoStacks {
+    if matches!(kind, TracerKind::NoStacks | TracerKind::ClientNoStacks) {
         cmd.arg("--no-stacks");
     }
-    if kind == TracerKind::AllStacks {
+    if matches!(kind, TracerKind::AllStacks | TracerKind::ClientAllStacks) {
         cmd.args(["--stack-rate", "0"]);
     }
-    if kind == TracerKind::PidFilter {
-        let pid = s.pid.context("no idle process for --pid")?;
+    if matches!(
+        kind,
+        TracerKind::PidFilter | TracerKind::ClientNoStacks | TracerKind::ClientAllStacks
+    ) {
+        let pid = s.pid.context("no process for --pid")?;
         cmd.args(["--pid", &pid.to_string()]);
     }
     if let Some(l) = s.leak_after {
         cmd.args(["--leak-after", l]);
     }
-    let out = match (&output, kind) {
-        (Some(path), TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks | TracerKind::AllStacks) => {
+    let out = match &output {
+        Some(path) if kind.is_live_json() => {
             Out::File(File::create(path).with_context(|| format!("creating {}", path.display()))?)
         }
         _ => Out::Null,
@@ -200,7 +221,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
         TracerKind::Record => p.wait_until("its 'tracer: recording to' line", READY_TIMEOUT, |p| {
             p.stderr_line("tracer: recording to").is_some()
         })?,
-        TracerKind::Json | TracerKind::PidFilter | TracerKind::NoStacks | TracerKind::AllStacks => {
+        _ => {
             let path = output.clone().expect("json output");
             p.wait_until("its start line", READY_TIMEOUT, |_| first_line_is_start(&path))?
         }

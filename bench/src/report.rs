@@ -250,7 +250,7 @@ pub fn markdown(d: &Document) -> String {
         }
     }
 
-    if let Some(line) = stack_cost(d.rows) {
+    for line in stack_cost(d.rows) {
         let _ = writeln!(o, "\n{line}");
     }
 
@@ -311,24 +311,43 @@ pub fn markdown(d: &Document) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM UTC`.
-/// Open stacks per churn connection with `--stack-rate 0`: the client's
-/// connect and the server's accept.
-const STACKS_PER_CONN: f64 = 2.0;
-
-/// What one user-stack walk costs in eBPF time: the churn's eBPF time per
-/// connection with every open stack, less that with none, per stack.
-fn stack_cost(rows: &[Row]) -> Option<String> {
-    let churn = |label: &str| {
+/// What one user-stack walk costs in eBPF time: a workload's eBPF time per
+/// connection with every open stack, less that with none, per stack. In
+/// churn both ends take one (the client's connect, the server's accept:
+/// native stacks of a few frames); in java-churn, traced with `--pid` of
+/// the JVM, only the JVM's connect does (a JDK `Socket.connect` stack).
+fn stack_cost(rows: &[Row]) -> Vec<String> {
+    let cases = [
+        (
+            Workload::Churn,
+            "tracer live --json --stack-rate 0",
+            "tracer live --json --no-stacks",
+            2.0,
+            "native stacks (loadgen's connect and accept)",
+        ),
+        (
+            Workload::JavaChurn,
+            "tracer live --json --pid <client> --stack-rate 0",
+            "tracer live --json --pid <client> --no-stacks",
+            1.0,
+            "JVM stacks (JavaChurn's Socket.connect, with -XX:+PreserveFramePointer)",
+        ),
+    ];
+    let ns = |w: Workload, label: &str| {
         rows.iter()
-            .find(|r| r.workload == Workload::Churn.name() && r.label == label)
+            .find(|r| r.workload == w.name() && r.label == label)
             .and_then(|r| r.bpf_ns_per_conn)
     };
-    let all = churn("tracer live --json --stack-rate 0")?;
-    let none = churn("tracer live --json --no-stacks")?;
-    Some(format!(
-        "Open stacks: {:.0} ns of eBPF time per captured stack ((eBPF ns per connection with `--stack-rate 0`, {all:.0}, less with `--no-stacks`, {none:.0}) / {STACKS_PER_CONN} stacks per connection: the user-stack walk, its ring-buffer record, and the budget check).",
-        (all - none) / STACKS_PER_CONN
-    ))
+    cases
+        .iter()
+        .filter_map(|&(w, all, none, per_conn, what)| {
+            let (all_ns, none_ns) = (ns(w, all)?, ns(w, none)?);
+            Some(format!(
+                "Open stacks, {what}: {:.0} ns of eBPF time per captured stack (eBPF ns per connection with `--stack-rate 0`, {all_ns:.0}, less with `--no-stacks`, {none_ns:.0}, over {per_conn} stack(s) per connection: the user-stack walk, its ring-buffer record, and the budget check).",
+                (all_ns - none_ns) / per_conn
+            ))
+        })
+        .collect()
 }
 
 pub fn utc(t: SystemTime) -> String {
@@ -523,8 +542,12 @@ mod tests {
             ],
         );
         assert_eq!(rows[0].bpf_ns_per_conn.map(f64::round), Some(1000.0));
-        let line = stack_cost(&rows).expect("both rows have eBPF time");
-        assert!(line.starts_with("Open stacks: 2000 ns"), "{line}");
-        assert_eq!(stack_cost(&rows[..1]), None, "needs both configurations");
+        let lines = stack_cost(&rows);
+        assert_eq!(lines.len(), 1, "churn only: {lines:?}");
+        assert!(
+            lines[0].contains(": 2000 ns of eBPF time per captured stack"),
+            "{lines:?}"
+        );
+        assert!(stack_cost(&rows[..1]).is_empty(), "needs both configurations");
     }
 }

@@ -16,6 +16,8 @@ use crate::{Config, RunResult, Settings, Workload};
 pub struct Ctx<'a> {
     pub tracer: &'a Path,
     pub loadgen: &'a Path,
+    /// Where JavaChurn.class is, for the java-churn workload.
+    pub java_classes: Option<&'a Path>,
     pub tmp: &'a Path,
     pub settings: &'a Settings,
 }
@@ -75,6 +77,16 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
     // The client, wrapped by strace when that is the observer. It prepares
     // (idle connections), says READY and waits for a line on stdin.
     let seconds = format!("{}", s.seconds);
+    let java_args = [
+        "--port".to_owned(),
+        port.clone(),
+        "--addrs".to_owned(),
+        addrs.clone(),
+        "--threads".to_owned(),
+        threads.clone(),
+        "--duration".to_owned(),
+        seconds.clone(),
+    ];
     let mut client_args = vec![
         "client".to_owned(),
         "--port".to_owned(),
@@ -90,12 +102,23 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
         "--sync".to_owned(),
     ];
     match config.workload {
-        Workload::Churn => {}
+        Workload::Churn | Workload::JavaChurn => {}
         Workload::ChurnLeak => client_args.extend(["--leak-percent".to_owned(), s.leak_percent.to_string()]),
         Workload::ManySockets => client_args.extend(["--open".to_owned(), s.open.to_string()]),
     }
-    let cmd = match &config.observer {
-        Observer::Strace(strace) => {
+    let cmd = match (&config.observer, config.workload) {
+        (_, Workload::JavaChurn) => {
+            let classes = ctx.java_classes.context("java-churn without JavaChurn.class")?;
+            let mut cmd = Command::new("java");
+            // Frame pointers in compiled code, so the walk covers the
+            // whole stack and its cost is the whole stack's.
+            cmd.args(["-XX:+PreserveFramePointer", "-cp"])
+                .arg(classes)
+                .arg("JavaChurn")
+                .args(&java_args);
+            cmd
+        }
+        (Observer::Strace(strace), _) => {
             let mut cmd = Command::new(strace);
             cmd.args(["-f", "-o", "/dev/null"]).arg(ctx.loadgen).args(&client_args);
             cmd
@@ -123,7 +146,10 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
             tmp: ctx.tmp,
             stem: &stem,
             leak_after: config.leak_after.as_deref(),
-            pid: idle.as_ref().map(|p| p.pid),
+            pid: match config.observer {
+                Observer::Tracer(TracerKind::ClientNoStacks | TracerKind::ClientAllStacks) => Some(client.pid),
+                _ => idle.as_ref().map(|p| p.pid),
+            },
         },
     )?;
 

@@ -72,14 +72,6 @@ pub struct Jdk {
     pub version: String,
 }
 
-fn current_test_name() -> String {
-    std::thread::current()
-        .name()
-        .filter(|n| *n != "main")
-        .unwrap_or("this test")
-        .to_string()
-}
-
 /// The JDK, or why not. Returns `Some` when `java` and `javac` (17 or
 /// newer) are found. Otherwise panics when the `CI` environment variable is
 /// set (in CI these tests must fail, never skip), or prints a skip notice
@@ -90,7 +82,7 @@ pub fn require_jdk() -> Option<&'static Jdk> {
         Ok(jdk) => return Some(jdk),
         Err(why) => why,
     };
-    let test = current_test_name();
+    let test = crate::privileges::current_test_name();
     if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
         panic!(
             "{test} needs a JDK ({MIN_JDK}+): {why}; CI is set: refusing to skip. \

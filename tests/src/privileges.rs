@@ -1,6 +1,7 @@
 //! Whether the privileged tests can run: root, or skip (locally) / fail (CI).
 
-fn current_test_name() -> String {
+/// The running test's name, for skip and failure messages.
+pub(crate) fn current_test_name() -> String {
     std::thread::current()
         .name()
         .filter(|n| *n != "main")
