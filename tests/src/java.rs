@@ -435,6 +435,9 @@ pub struct JavaRun {
     pub truth: Vec<SsSocket>,
     /// What `tracer record` printed (record runs only).
     pub record: Option<RecordOutput>,
+    /// `tracer export FILE --format folded` of the recording, after the
+    /// JVM is gone (record runs only).
+    pub folded: Option<String>,
     pub timings: Timings,
 }
 
@@ -511,6 +514,7 @@ pub fn trace_live(jdk: &Jdk, flags: &[&str], count: usize) -> JavaRun {
         out,
         truth,
         record: None,
+        folded: None,
         timings: Timings {
             jvm_start,
             requests,
@@ -565,6 +569,9 @@ pub fn record_and_report(jdk: &Jdk, flags: &[&str], count: usize) -> JavaRun {
     let ran = run_tracer_cmd(&["report", file.arg(), "--json"], REPORT_TIMEOUT);
     ran.assert_no_crash();
     ran.assert_success();
+    let folded = run_tracer_cmd(&["export", file.arg(), "--format", "folded"], REPORT_TIMEOUT);
+    folded.assert_no_crash();
+    folded.assert_success();
     let run = JavaRun {
         flags,
         count,
@@ -572,6 +579,7 @@ pub fn record_and_report(jdk: &Jdk, flags: &[&str], count: usize) -> JavaRun {
         out: ran.output(),
         truth,
         record: Some(rec),
+        folded: Some(folded.stdout_text()),
         timings: Timings {
             jvm_start,
             requests,

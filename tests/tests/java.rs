@@ -353,6 +353,16 @@ fn java_names_survive_replay() {
     let run = record_and_report(jdk, &[], COUNT);
     let leaks = check_against_ss(&run);
     check_user_stacks(&leaks, &["interpreted"], &lines, &run);
+    // The folded stacks (and so the flame graph) carry the Java names, with
+    // the line of each Java frame: all three leaks on one line.
+    let folded = run.folded.as_deref().unwrap_or_default();
+    let user = format!("{USER_METHOD}String):{}", lines.connect);
+    let line = folded.lines().find(|l| l.contains(&user));
+    assert!(
+        line.is_some_and(|l| l.contains(JDK_HTTP) && l.ends_with(&format!(" {COUNT}"))),
+        "folded export has no line with {user:?}, {JDK_HTTP}* and the count {COUNT}:\n{folded}\n{}",
+        header(&run)
+    );
 }
 
 /// The stack checks themselves, on made-up stacks (no root, no JDK): the
