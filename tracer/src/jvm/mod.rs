@@ -103,6 +103,9 @@ pub struct Jvm {
     layout: Layout,
     code_cache: CodeCache,
     preserve_frame_pointer: bool,
+    /// The code of the "Interpreter" blob, once a frame in it was named:
+    /// created at start-up, it never moves.
+    interpreter: Option<(u64, u64)>,
 }
 
 impl Jvm {
@@ -138,6 +141,7 @@ impl Jvm {
             layout,
             code_cache: CodeCache::default(),
             preserve_frame_pointer,
+            interpreter: None,
         })
     }
 
@@ -146,6 +150,13 @@ impl Jvm {
     /// compiled (non-native-wrapper) frame cannot be trusted.
     pub fn preserves_frame_pointer(&self) -> bool {
         self.preserve_frame_pointer
+    }
+
+    /// Whether `pc` is in the interpreter, the only code whose frames'
+    /// `Method*` and bcp slots mean anything; None until a frame in the
+    /// interpreter has been named (its bounds are learnt then).
+    pub fn is_interpreter(&self, pc: u64) -> Option<bool> {
+        self.interpreter.map(|(begin, end)| begin <= pc && pc < end)
     }
 
     /// Names one frame. `method_slot` and `bcp_slot` are the words at
@@ -158,6 +169,9 @@ impl Jvm {
             Lookup::Broken(why) => return JvmPc::Broken(why),
             Lookup::Blob(b) => b,
         };
+        if blob.name == "Interpreter" {
+            self.interpreter = Some((blob.code_begin, blob.code_end));
+        }
         match blob.name.as_str() {
             // Every interpreted frame runs in this one blob; the frame's
             // slots say which method and where in it.

@@ -188,16 +188,17 @@ impl StackSymbolizer {
     }
 
     /// Identifies a stack by its return addresses; in a JVM also by the
-    /// interpreter slots of frames in JIT code (anonymous executable
-    /// memory), since one interpreter address runs every Java method. The
-    /// slots of native frames are their locals: they would only make every
-    /// capture look new.
+    /// interpreter slots of interpreted frames, since one interpreter
+    /// address runs every Java method. Other frames' slots are their locals
+    /// and spills: they would only make every capture look new (and every
+    /// stack be named again). Until the JVM's interpreter is located, the
+    /// slots of every frame in JIT code (anonymous executable memory) count.
     fn content_hash(&mut self, pid: u32, w: &WalkedStack) -> u64 {
         let frames = &w.frames;
         let mut h = self.hasher.build_hasher();
         w.end.hash(&mut h);
         let pcs: Vec<u64> = frames.iter().map(|f| f.pc).collect();
-        let ctx = self.procs.get(pid, &pcs);
+        let mut ctx = self.procs.get(pid, &pcs);
         // Of the words at sp only code addresses matter (the rest are the
         // wrapper's locals, new in every call).
         for &word in &w.sp_words {
@@ -205,16 +206,18 @@ impl StackSymbolizer {
                 word.hash(&mut h);
             }
         }
-        let is_jvm = ctx.as_ref().is_some_and(|c| c.jvm.is_some());
         for (k, f) in frames.iter().enumerate() {
             f.pc.hash(&mut h);
-            let owner_is_jit = k > 0
-                && is_jvm
-                && ctx
-                    .as_ref()
-                    .and_then(|c| c.exec_map(frames[k - 1].pc))
-                    .is_none_or(|m| m.anonymous);
-            if owner_is_jit {
+            let Some(c) = ctx.as_deref_mut().filter(|_| k > 0) else {
+                continue;
+            };
+            let owner = frames[k - 1].pc;
+            let interpreted = match c.jvm().map(|j| j.is_interpreter(owner)) {
+                None => false,
+                Some(Some(known)) => known,
+                Some(None) => c.exec_map(owner).is_none_or(|m| m.anonymous),
+            };
+            if interpreted {
                 (f.method_slot, f.bcp_slot).hash(&mut h);
             }
         }
