@@ -26,6 +26,7 @@ pub mod compare;
 pub mod evidence;
 pub mod fixture;
 pub mod java;
+pub mod java_frames;
 pub mod paths;
 pub mod privileges;
 pub mod procfs;

@@ -5,7 +5,7 @@
 //! Why not `bpf_get_stackid(BPF_F_USER_STACK)`: the kernel's walk keeps only
 //! return addresses. Naming a JVM's interpreted frames needs two words of
 //! each frame (HotSpot keeps the frame's `Method*` at `[fp-24]` and its
-//! bytecode pointer at `[fp-64]`), and the word at the user `sp` is the
+//! bytecode pointer at `[fp-64]`), and the words at the user `sp` hold the
 //! return address into the caller of a libc syscall wrapper, the frame the
 //! kernel's walk always loses. The stack also travels in the ring buffer
 //! rather than a stack map, so stacks never run out of map slots; the agent
@@ -148,12 +148,7 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
         }
         // SAFETY: as above; `window` is only read after a successful fill.
         let w = unsafe {
-            if bpf_probe_read_user(
-                window.as_mut_ptr() as *mut c_void,
-                (WINDOW_WORDS * 8) as u32,
-                (fp - WINDOW_BELOW_FP) as *const c_void,
-            ) != 0
-            {
+            if read_user(&mut window, fp - WINDOW_BELOW_FP) != 0 {
                 return (i as u32, walk_end::FAULT);
             }
             &*window.as_ptr()

@@ -98,11 +98,10 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
                 need,
             });
         }
-        let word = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
-        let half = |off: usize| u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes"));
-        let sp_at = std::mem::offset_of!(UserStackEvent, sp_words);
-        let nframes = (half(std::mem::offset_of!(UserStackEvent, nframes)) as usize).min(MAX_USER_FRAMES);
-        let need = need + nframes * std::mem::size_of::<UserFrame>();
+        let nframes: u32 = read(&buf[std::mem::offset_of!(UserStackEvent, nframes)..], "user stack")?;
+        let nframes = (nframes as usize).min(MAX_USER_FRAMES);
+        let frame_size = std::mem::size_of::<UserFrame>();
+        let need = need + nframes * frame_size;
         if buf.len() < need {
             return Err(DecodeError::Short {
                 what: "user stack's frames",
@@ -112,19 +111,12 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
         }
         let frames_at = std::mem::offset_of!(UserStackEvent, frames);
         let frames = (0..nframes)
-            .map(|i| {
-                let at = frames_at + i * std::mem::size_of::<UserFrame>();
-                UserFrame {
-                    pc: word(at),
-                    method_slot: word(at + 8),
-                    bcp_slot: word(at + 16),
-                }
-            })
-            .collect();
+            .map(|i| read(&buf[frames_at + i * frame_size..], "user frame"))
+            .collect::<Result<_, _>>()?;
         return Ok(Record::UserStack(WalkedStack {
             header,
-            sp_words: std::array::from_fn(|i| word(sp_at + 8 * i)),
-            end: half(std::mem::offset_of!(UserStackEvent, end)),
+            sp_words: read(&buf[std::mem::offset_of!(UserStackEvent, sp_words)..], "user stack")?,
+            end: read(&buf[std::mem::offset_of!(UserStackEvent, end)..], "user stack")?,
             frames,
         }));
     }

@@ -74,11 +74,6 @@ impl Frame {
         }
     }
 
-    fn named(mut self) -> Frame {
-        self.reason = None;
-        self
-    }
-
     pub fn is_java(&self) -> bool {
         matches!(
             self.kind,
@@ -168,7 +163,10 @@ impl StackSymbolizer {
     }
 
     fn user_stack(&mut self, pid: u32, w: &WalkedStack, out: &mut Vec<Input>) -> i32 {
-        let key = (pid, self.content_hash(pid, w));
+        // One look at the process serves both the identity and the naming.
+        let pcs: Vec<u64> = w.frames.iter().map(|f| f.pc).collect();
+        let mut ctx = self.procs.get(pid, &pcs);
+        let key = (pid, content_hash(&self.hasher, w, ctx.as_deref_mut()));
         if let Some(&id) = self.ids.get(&key) {
             return id;
         }
@@ -178,7 +176,10 @@ impl StackSymbolizer {
         self.next_id = if self.next_id == i32::MAX { 0 } else { self.next_id + 1 };
         let id = self.next_id;
         self.ids.insert(key, id);
-        let unwound = walk::unwind(pid, w, &mut self.procs, &self.native);
+        let unwound = match ctx {
+            Some(ctx) => walk::unwind(pid, w, ctx, &self.native),
+            None => Err("the process exited before its stack was symbolized".into()),
+        };
         out.push(Input::Stack(StackInput {
             key: StackKey { pid, id },
             truncated: unwound.as_ref().ok().and_then(|u| u.truncated.clone()),
@@ -186,43 +187,45 @@ impl StackSymbolizer {
         }));
         id
     }
+}
 
-    /// Identifies a stack by its return addresses; in a JVM also by the
-    /// interpreter slots of interpreted frames, since one interpreter
-    /// address runs every Java method. Other frames' slots are their locals
-    /// and spills: they would only make every capture look new (and every
-    /// stack be named again). Until the JVM's interpreter is located, the
-    /// slots of every frame in JIT code (anonymous executable memory) count.
-    fn content_hash(&mut self, pid: u32, w: &WalkedStack) -> u64 {
-        let frames = &w.frames;
-        let mut h = self.hasher.build_hasher();
-        w.end.hash(&mut h);
-        let pcs: Vec<u64> = frames.iter().map(|f| f.pc).collect();
-        let mut ctx = self.procs.get(pid, &pcs);
-        // Of the words at sp only code addresses matter (the rest are the
-        // wrapper's locals, new in every call).
-        for &word in &w.sp_words {
-            if ctx.as_ref().is_some_and(|c| c.exec_map(word).is_some()) {
-                word.hash(&mut h);
-            }
+/// Identifies a stack by its return addresses; in a JVM also by the
+/// interpreter slots of interpreted frames, since one interpreter address
+/// runs every Java method. Other frames' slots are their locals and spills:
+/// they would only make every capture look new (and every stack be named
+/// again). Until the JVM's interpreter is located, the slots of every frame
+/// in JIT code (anonymous executable memory) count.
+fn content_hash(
+    hasher: &foldhash::fast::FixedState,
+    w: &WalkedStack,
+    mut ctx: Option<&mut process::ProcessContext>,
+) -> u64 {
+    let frames = &w.frames;
+    let mut h = hasher.build_hasher();
+    w.end.hash(&mut h);
+    // Of the words at sp only code addresses matter (the rest are the
+    // wrapper's locals, new in every call).
+    for &word in &w.sp_words {
+        if ctx.as_ref().is_some_and(|c| c.exec_map(word).is_some()) {
+            word.hash(&mut h);
         }
-        for (k, f) in frames.iter().enumerate() {
-            f.pc.hash(&mut h);
-            let Some(c) = ctx.as_deref_mut().filter(|_| k > 0) else {
-                continue;
-            };
-            let owner = frames[k - 1].pc;
-            let interpreted = match c.jvm().map(|j| j.is_interpreter(owner)) {
-                None => false,
-                Some(Some(known)) => known,
-                Some(None) => c.exec_map(owner).is_none_or(|m| m.anonymous),
-            };
-            if interpreted {
-                (f.method_slot, f.bcp_slot).hash(&mut h);
-            }
-        }
-        h.finish()
     }
+    for (k, f) in frames.iter().enumerate() {
+        f.pc.hash(&mut h);
+        let Some(c) = ctx.as_deref_mut().filter(|_| k > 0) else {
+            continue;
+        };
+        let owner = frames[k - 1].pc;
+        let interpreted = match c.jvm().map(|j| j.is_interpreter(owner)) {
+            None => false,
+            Some(Some(known)) => known,
+            Some(None) => c.exec_map(owner).is_none_or(|m| m.anonymous),
+        };
+        if interpreted {
+            (f.method_slot, f.bcp_slot).hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 /// What a failed or missing stack id means, in words.

@@ -5,11 +5,7 @@
 
 use tracer_common::{walk_end, MAX_USER_FRAMES};
 
-use super::{
-    native::NativeSymbolizer,
-    process::{ProcessContext, Processes},
-    Frame, FrameKind,
-};
+use super::{native::NativeSymbolizer, process::ProcessContext, Frame, FrameKind};
 use crate::{
     decode::WalkedStack,
     jvm::{JavaFrame, JavaFrameKind, JvmPc},
@@ -94,14 +90,15 @@ enum Named {
     Stub(String),
 }
 
-pub fn unwind(pid: u32, w: &WalkedStack, procs: &mut Processes, native: &NativeSymbolizer) -> Result<Unwound, String> {
+pub fn unwind(
+    pid: u32,
+    w: &WalkedStack,
+    ctx: &mut ProcessContext,
+    native: &NativeSymbolizer,
+) -> Result<Unwound, String> {
     if w.frames.is_empty() {
         return Err("the task's user registers could not be read".into());
     }
-    let addrs: Vec<u64> = w.frames.iter().map(|f| f.pc).collect();
-    let ctx = procs
-        .get(pid, &addrs)
-        .ok_or_else(|| "the process exited before its stack was symbolized".to_string())?;
     let pcs = pcs(w, ctx);
     let jvm_error = match &ctx.jvm {
         Some(Err(e)) => Some(format!("JVM frames not named: {e}")),
@@ -163,20 +160,28 @@ pub fn unwind(pid: u32, w: &WalkedStack, procs: &mut Processes, native: &NativeS
             _ => None,
         };
     }
+    // A JVM's perf map is HotSpot's format, which blazesym rejects; its
+    // JIT frames are named from the JVM anyway.
+    let perf_map = ctx.jvm.is_none();
     Ok(Unwound {
-        frames: to_frames(pid, &named, native, jvm_error.as_deref()),
+        frames: to_frames(pid, &named, native, perf_map, jvm_error.as_deref()),
         truncated,
     })
 }
 
-fn to_frames(pid: u32, named: &[(Pc, Named)], native: &NativeSymbolizer, jvm_error: Option<&str>) -> Vec<Frame> {
+fn to_frames(
+    pid: u32,
+    named: &[(Pc, Named)],
+    native: &NativeSymbolizer,
+    perf_map: bool,
+    jvm_error: Option<&str>,
+) -> Vec<Frame> {
     let (ips, is_return): (Vec<u64>, Vec<bool>) = named
         .iter()
         .filter(|(_, n)| matches!(n, Named::Native))
         .map(|(p, _)| (p.pc, p.is_return))
         .unzip();
-    let is_jvm = named.iter().any(|(_, n)| !matches!(n, Named::Native)) || jvm_error.is_some();
-    let mut natives = native.user(pid, &ips, &is_return, !is_jvm).into_iter();
+    let mut natives = native.user(pid, &ips, &is_return, perf_map).into_iter();
     let mut out = Vec::with_capacity(named.len());
     for (p, n) in named {
         match n {
@@ -188,14 +193,12 @@ fn to_frames(pid: u32, named: &[(Pc, Named)], native: &NativeSymbolizer, jvm_err
                     out.push(f);
                 }
             }
-            Named::Stub(name) => out.push(
-                Frame {
-                    symbol: Some(name.clone()),
-                    module: Some("[jvm code cache]".into()),
-                    ..Frame::raw(p.pc, FrameKind::Native, String::new())
-                }
-                .named(),
-            ),
+            Named::Stub(name) => out.push(Frame {
+                symbol: Some(name.clone()),
+                module: Some("[jvm code cache]".into()),
+                reason: None,
+                ..Frame::raw(p.pc, FrameKind::Native, String::new())
+            }),
             Named::Java(frames) => out.extend(frames.iter().map(|j| java_frame(p.pc, j))),
         }
     }
