@@ -10,10 +10,10 @@ use crate::{
     correlate::{Comm, Correlator, Endpoints, LeakReport, StackRef, Verdict},
     decode::Event,
     evidence::Evidence,
+    findings::{self, Enrich, LeakOut, StackOut},
     input::{Input, StackInput, StackKey},
     kernel::KernelStats,
     procs::ProcInfo,
-    report::{self, Enrich, LeakOut, StackOut},
     sink::{EventOut, Loss, Sink, Status, Summary, SummaryStats},
     stacks::stack_id_error,
 };
@@ -224,7 +224,7 @@ impl Engine {
             duration_ms: now.saturating_sub(self.start_ns.unwrap_or(now)) / 1_000_000,
             recording: None,
             reason,
-            groups: report::group(&leaks),
+            groups: findings::group(&leaks),
             leaks,
             stats: SummaryStats {
                 kernel: self.kernel_stats,

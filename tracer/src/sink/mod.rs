@@ -11,7 +11,7 @@ use serde::Serialize;
 pub use json::JsonSink;
 pub use text::TextSink;
 
-pub use crate::report::{Group, LeakOut};
+pub use crate::findings::{Group, LeakOut};
 use crate::{
     correlate::CorrelatorStats,
     kernel::{HookStatus, KernelStats},

@@ -1,4 +1,4 @@
-//! What users are shown about a leak: the correlator's verdict joined with
+//! The findings users are shown about a leak: the correlator's verdict joined with
 //! the process's name, the symbolized stacks and the leak-time evidence.
 //! Sinks only format these.
 
