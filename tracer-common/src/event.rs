@@ -21,6 +21,12 @@ pub enum EventKind {
     /// Consumed by the agent (symbolized while the process lives); never
     /// part of a recording. Body: [`UserStackEvent`].
     UserStack = 4,
+    /// The kernel stack of the task at an accept, connect or close
+    /// (`--kernel-stacks`), copied by `bpf_get_stack`. Sent just before
+    /// the event it belongs to (same `tid` and `ktime_ns`), whose `kstack`
+    /// is [`KSTACK_SENT`]. Like [`EventKind::UserStack`], consumed by the
+    /// agent and never recorded. Body: [`KernelStackEvent`].
+    KernelStack = 5,
 }
 
 impl EventKind {
@@ -30,6 +36,7 @@ impl EventKind {
             2 => Some(Self::Accept),
             3 => Some(Self::Close),
             4 => Some(Self::UserStack),
+            5 => Some(Self::KernelStack),
             _ => None,
         }
     }
@@ -54,10 +61,12 @@ pub struct Header {
     pub cookie: u64,
     /// Kernel address of the `struct sock`; reused after free, so only a hint.
     pub skaddr: u64,
-    /// Ids in the `STACKS` map of the current task's user and kernel stacks,
-    /// taken only where the task is known to be the socket's user (connect,
-    /// accept, close). [`NO_STACK`] when not taken; another negative value
-    /// is the `-errno` of a failed capture (e.g. `-EEXIST`: map full).
+    /// The current task's user and kernel stacks, taken only where the task
+    /// is known to be the socket's user (connect, accept, close). In the
+    /// ring buffer: [`USTACK_WALKED`] / [`KSTACK_SENT`] (the stack was sent
+    /// just before this event), [`NO_STACK`] when not taken, or the
+    /// `-errno` of a failed capture. The agent replaces the first two with
+    /// the id it gives the stack's content before anything is recorded.
     pub ustack: i32,
     pub kstack: i32,
 }
@@ -75,6 +84,14 @@ pub const STACKS_SAMPLED_OUT: i32 = i32::MIN + 2;
 /// [`UserStackEvent`] just before this event". The agent replaces it with
 /// the id it gives that stack before anything is recorded or analysed.
 pub const USTACK_WALKED: i32 = i32::MIN + 3;
+
+/// Stack id value meaning "the kernel stack was copied and sent as a
+/// [`KernelStackEvent`] just before this event".
+pub const KSTACK_SENT: i32 = i32::MIN + 4;
+
+/// Deepest kernel stack copied: the kernel's own default bound
+/// (`kernel.perf_event_max_stack`).
+pub const MAX_KERNEL_FRAMES: usize = 127;
 
 /// Deepest user stack the eBPF walk follows; deeper walks are cut and
 /// counted (`stats::STACK_WALK_TRUNCATED`).
@@ -134,6 +151,23 @@ pub struct UserStackEvent {
     pub frames: [UserFrame; MAX_USER_FRAMES],
 }
 
+/// A kernel stack, copied by `bpf_get_stack`. Stacks travel by value (as
+/// user stacks do) rather than as ids in a stack map: a map shared by
+/// every process fills, its buckets collide, and an id freed for reuse
+/// could be read back as another stack; a stack in the ring buffer is
+/// lost only with the ring buffer itself (counted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelStackEvent {
+    /// The same `tgid`, `tid`, `ktime_ns` and `cookie` as the event it
+    /// belongs to; `kind` is [`EventKind::KernelStack`].
+    pub header: Header,
+    /// Valid entries of `ips`, innermost first.
+    pub nframes: u32,
+    pub _pad: u32,
+    pub ips: [u64; MAX_KERNEL_FRAMES],
+}
+
 /// A TCP state change.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,10 +208,12 @@ mod pod {
     unsafe impl aya::Pod for super::StateEvent {}
     unsafe impl aya::Pod for super::FdEvent {}
     unsafe impl aya::Pod for super::UserStackEvent {}
+    unsafe impl aya::Pod for super::KernelStackEvent {}
 }
 
 // Layout is the wire format: any change here must be deliberate.
 const _: () = assert!(core::mem::size_of::<Header>() == 64);
 const _: () = assert!(core::mem::size_of::<StateEvent>() == 112);
 const _: () = assert!(core::mem::size_of::<FdEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<KernelStackEvent>() == 72 + 8 * MAX_KERNEL_FRAMES);
 const _: () = assert!(core::mem::size_of::<UserStackEvent>() == 72 + 8 * SP_WORDS + 24 * MAX_USER_FRAMES);

@@ -13,8 +13,9 @@ pub const FD_UNRESOLVED: u32 = 3;
 /// `close_range` calls wider than the kernel side scans (256 fds).
 pub const CLOSE_RANGE_TRUNCATED: u32 = 4;
 
-/// Stack captures that failed: a kernel stack (stack map full or hash
-/// collision), or a user stack whose record did not fit the ring buffer.
+/// Stack captures that failed: a stack whose record did not fit the ring
+/// buffer, or whose per-CPU scratch record was in use by a preempted
+/// program.
 pub const STACK_ERRORS: u32 = 5;
 
 /// Open stacks not taken because the process was over its stack budget

@@ -3,11 +3,11 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    programs::tracing::StackIdContext,
+    EbpfContext,
 };
 use tracer_common::{stats, Header, COMM_LEN, NO_STACK, STACKS_KERNEL, STACKS_OFF, STACKS_SAMPLED_OUT, STACKS_USER};
 
-use crate::{config, maps, maps::Counters, ustack};
+use crate::{config, kstack, maps, maps::Counters, ustack};
 
 #[inline(always)]
 pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
@@ -32,7 +32,7 @@ pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
 /// and its opens mostly come from a few places anyway. Over the budget the
 /// open is marked (and counted) as sampled out.
 #[inline(always)]
-pub fn take_open_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
+pub fn take_open_stacks<C: EbpfContext>(ctx: &C, h: &mut Header, set: Counters) {
     if config::stacks() & STACKS_USER != 0 && !within_budget(h.tgid, h.ktime_ns) {
         maps::count(set, stats::STACKS_SAMPLED_OUT);
         h.ustack = STACKS_SAMPLED_OUT;
@@ -74,10 +74,10 @@ fn within_budget(tgid: u32, now: u64) -> bool {
 }
 
 /// Records the current task's user stack (walked and sent ahead of the
-/// event, see `ustack`) and kernel stack (a stack-map id) in the header.
+/// event, see `ustack`) and kernel stack (`kstack`, likewise) in the header.
 /// Only called where the task is the socket's user (its own syscall).
 #[inline(always)]
-pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
+pub fn take_stacks<C: EbpfContext>(ctx: &C, h: &mut Header, set: Counters) {
     let which = config::stacks();
     if which & STACKS_USER == 0 {
         // Marked, so the agent can say why there is no stack.
@@ -92,20 +92,9 @@ pub fn take_stacks<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
 /// The kernel stack alone (with `--kernel-stacks`), where a user-stack walk
 /// cannot be verified.
 #[inline(always)]
-pub fn take_kernel_stack<C: StackIdContext>(ctx: &C, h: &mut Header, set: Counters) {
+pub fn take_kernel_stack<C: EbpfContext>(ctx: &C, h: &mut Header, set: Counters) {
     if config::stacks() & STACKS_KERNEL != 0 {
-        h.kstack = stack_id(ctx, 0, set);
-    }
-}
-
-#[inline(always)]
-fn stack_id<C: StackIdContext>(ctx: &C, flags: u64, set: Counters) -> i32 {
-    match ctx.get_stackid(&maps::STACKS, flags) {
-        Ok(id) => id as i32,
-        Err(e) => {
-            maps::count(set, stats::STACK_ERRORS);
-            e as i32
-        }
+        h.kstack = kstack::capture(ctx, h, set);
     }
 }
 

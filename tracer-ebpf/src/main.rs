@@ -17,6 +17,7 @@ mod close;
 mod config;
 mod emit;
 mod fdsock;
+mod kstack;
 mod maps;
 mod state;
 mod ustack;

@@ -2,19 +2,25 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{HashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{stats, UserStackEvent};
+use tracer_common::{stats, KernelStackEvent, UserStackEvent};
 
 /// All events, to the agent. Resized by the agent at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
-/// Kernel stacks (`--kernel-stacks`) of the tasks that connect, accept and
-/// close; user stacks travel in the ring buffer (`ustack`).
-/// Bounded; a full map makes captures fail, counted as STACK_ERRORS.
+/// Per CPU: where a kernel stack (`--kernel-stacks`) is copied before the
+/// valid part goes into `EVENTS` (see `kstack::capture`).
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+pub static KSTACK_SCRATCH: PerCpuArray<KstackScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct KstackScratch {
+    /// Non-zero while a program on this CPU is using `event`.
+    pub busy: u64,
+    pub event: KernelStackEvent,
+}
 
 /// Per CPU: where the user-stack walk builds its record before the valid
 /// part is copied into `EVENTS` (see `ustack::walk`).

@@ -1,7 +1,10 @@
 //! Ring-buffer bytes -> typed events. The only place that interprets raw
 //! records; everything downstream works on [`Event`].
 
-use tracer_common::{EventKind, FdEvent, Header, StateEvent, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS};
+use tracer_common::{
+    EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, MAX_KERNEL_FRAMES,
+    MAX_USER_FRAMES, SP_WORDS,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -26,12 +29,20 @@ impl Event {
     }
 }
 
-/// A ring-buffer record: an event, or the user stack of the event that
-/// follows it.
+/// A ring-buffer record: an event, or a stack of the event that follows it.
 #[derive(Debug)]
 pub enum Record {
     Event(Event),
     UserStack(WalkedStack),
+    KernelStack(KernelStack),
+}
+
+/// A [`KernelStackEvent`] with only its valid instruction pointers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelStack {
+    pub header: Header,
+    /// Innermost first.
+    pub ips: Vec<u64>,
 }
 
 /// A [`UserStackEvent`] with only its valid frames (the record has room
@@ -56,7 +67,7 @@ pub enum DecodeError {
     },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
-    #[error("a user-stack record where an event was expected")]
+    #[error("a stack record where an event was expected")]
     NotAnEvent,
 }
 
@@ -80,39 +91,23 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         Some(EventKind::State) => Ok(Event::State(read(buf, "state event")?)),
         Some(EventKind::Accept) => Ok(Event::Accept(read(buf, "accept event")?)),
         Some(EventKind::Close) => Ok(Event::Close(read(buf, "close event")?)),
-        Some(EventKind::UserStack) => Err(DecodeError::NotAnEvent),
+        Some(EventKind::UserStack | EventKind::KernelStack) => Err(DecodeError::NotAnEvent),
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }
 
-/// Any ring-buffer record: [`decode`] plus the user-stack records that
-/// only the live agent sees.
+/// Any ring-buffer record: [`decode`] plus the stack records that only the
+/// live agent sees.
 pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
     let header: Header = read(buf, "header")?;
     if header.kind == EventKind::UserStack as u32 {
-        let need = std::mem::offset_of!(UserStackEvent, frames);
-        if buf.len() < need {
-            return Err(DecodeError::Short {
-                what: "user stack",
-                len: buf.len(),
-                need,
-            });
-        }
-        let nframes: u32 = read(&buf[std::mem::offset_of!(UserStackEvent, nframes)..], "user stack")?;
-        let nframes = (nframes as usize).min(MAX_USER_FRAMES);
-        let frame_size = std::mem::size_of::<UserFrame>();
-        let need = need + nframes * frame_size;
-        if buf.len() < need {
-            return Err(DecodeError::Short {
-                what: "user stack's frames",
-                len: buf.len(),
-                need,
-            });
-        }
-        let frames_at = std::mem::offset_of!(UserStackEvent, frames);
-        let frames = (0..nframes)
-            .map(|i| read(&buf[frames_at + i * frame_size..], "user frame"))
-            .collect::<Result<_, _>>()?;
+        let frames = trailing_array(
+            buf,
+            "user stack",
+            std::mem::offset_of!(UserStackEvent, nframes),
+            std::mem::offset_of!(UserStackEvent, frames),
+            MAX_USER_FRAMES,
+        )?;
         return Ok(Record::UserStack(WalkedStack {
             header,
             sp_words: read(&buf[std::mem::offset_of!(UserStackEvent, sp_words)..], "user stack")?,
@@ -120,7 +115,47 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
             frames,
         }));
     }
+    if header.kind == EventKind::KernelStack as u32 {
+        let ips = trailing_array(
+            buf,
+            "kernel stack",
+            std::mem::offset_of!(KernelStackEvent, nframes),
+            std::mem::offset_of!(KernelStackEvent, ips),
+            MAX_KERNEL_FRAMES,
+        )?;
+        return Ok(Record::KernelStack(KernelStack { header, ips }));
+    }
     decode(buf).map(Record::Event)
+}
+
+/// The valid items of a record's trailing array (only those are sent):
+/// their count is the `u32` at `count_at`, capped at `max`, and they start
+/// at `items_at`.
+fn trailing_array<T: Copy>(
+    buf: &[u8],
+    what: &'static str,
+    count_at: usize,
+    items_at: usize,
+    max: usize,
+) -> Result<Vec<T>, DecodeError> {
+    if buf.len() < items_at {
+        return Err(DecodeError::Short {
+            what,
+            len: buf.len(),
+            need: items_at,
+        });
+    }
+    let n = (read::<u32>(&buf[count_at..], what)? as usize).min(max);
+    let size = std::mem::size_of::<T>();
+    let need = items_at + n * size;
+    if buf.len() < need {
+        return Err(DecodeError::Short {
+            what: "stack's frames",
+            len: buf.len(),
+            need,
+        });
+    }
+    (0..n).map(|i| read(&buf[items_at + i * size..], what)).collect()
 }
 
 /// Bytes of a wire struct, for writing records.
@@ -246,7 +281,7 @@ mod tests {
         assert!(matches!(
             decode_record(&bytes_of(&w)[..valid - 1]),
             Err(DecodeError::Short {
-                what: "user stack's frames",
+                what: "stack's frames",
                 ..
             })
         ));
@@ -255,6 +290,30 @@ mod tests {
             decode_record(&bytes_of(&w)[..100]),
             Err(DecodeError::Short { what: "user stack", .. })
         ));
+        // Kernel stacks likewise: only the valid instruction pointers.
+        let mut k = KernelStackEvent {
+            header: header(EventKind::KernelStack),
+            nframes: 3,
+            _pad: 0,
+            ips: [0; MAX_KERNEL_FRAMES],
+        };
+        k.ips[..3].copy_from_slice(&[0xffff_ffff_8100_0001, 0xffff_ffff_8100_0002, 0xffff_ffff_8100_0003]);
+        let valid = std::mem::offset_of!(KernelStackEvent, ips) + 3 * 8;
+        match decode_record(&bytes_of(&k)[..valid]) {
+            Ok(Record::KernelStack(got)) => assert_eq!(
+                got,
+                KernelStack {
+                    header: k.header,
+                    ips: k.ips[..3].to_vec()
+                }
+            ),
+            other => panic!("expected a kernel stack, got {other:?}"),
+        }
+        assert!(matches!(
+            decode_record(&bytes_of(&k)[..valid - 1]),
+            Err(DecodeError::Short { .. })
+        ));
+        assert_eq!(decode(bytes_of(&k)), Err(DecodeError::NotAnEvent));
         let st = match decode_record(bytes_of(&header(EventKind::Close))) {
             Err(DecodeError::Short { what, .. }) => what,
             other => panic!("expected a short close event, got {other:?}"),

@@ -74,7 +74,6 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         filter_tgid: args.pid,
         ring_bytes: args.ring_bytes,
         wakeup_bytes: u64::from(args.ring_bytes) / WAKEUP_FRACTION,
-        stack_entries: args.stack_entries,
         kernel_stacks: args.kernel_stacks,
         user_stacks: !args.no_stacks,
         stack_rate: args.stack_rate,
@@ -278,7 +277,7 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInpu
     let mut snap = snapshot::take(pid).context("reading existing sockets (sock_diag)")?;
     if let Some(pid) = pid {
         for s in &snap {
-            kernel.watch(s.cookie, pid)?;
+            kernel.watch(s.cookie, pid);
         }
         let watched: HashSet<u64> = snap.iter().map(|s| s.cookie).collect();
         ns = clock::monotonic_ns();
@@ -357,6 +356,10 @@ impl Session {
                     self.stacks.walked(w);
                     continue;
                 }
+                Ok(Record::KernelStack(k)) => {
+                    self.stacks.kernel_copied(k);
+                    continue;
+                }
                 Err(e) => {
                     self.decode_errors += 1;
                     if self.decode_errors == 1 {
@@ -377,7 +380,7 @@ impl Session {
                 }
             }
             if owner || matches!(ev, Event::Close(_)) {
-                self.stacks.learn(kernel, ev.header_mut(), &mut self.inputs);
+                self.stacks.learn(ev.header_mut(), &mut self.inputs);
             }
             self.inputs.push(Input::Kernel(ev));
             if self.inputs.len() >= 1024 {
@@ -438,7 +441,10 @@ impl Session {
     fn status(&mut self, kernel: &Kernel, output: &Output) -> io::Result<()> {
         self.push_stats(kernel);
         self.flush_inputs()?;
-        let st = self.engine.status();
+        let mut st = self.engine.status();
+        let (held, cap) = self.stacks.held();
+        st.stacks_held = Some(held);
+        st.stacks_cap = Some(cap);
         match output {
             Output::Live { .. } => self.sink.status(&st)?,
             Output::Record { .. } => {

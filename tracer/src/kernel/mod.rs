@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
@@ -24,7 +24,6 @@ pub struct LoadOptions {
     pub filter_tgid: Option<u32>,
     pub ring_bytes: u32,
     pub wakeup_bytes: u64,
-    pub stack_entries: u32,
     pub kernel_stacks: bool,
     pub user_stacks: bool,
     pub stack_rate: u32,
@@ -45,7 +44,13 @@ pub struct HookStatus {
 pub struct KernelStats {
     pub generated: u64,
     pub ringbuf_drops: u64,
+    /// `--pid` watch-list insertions that failed, the map being full: by
+    /// the kernel side (new sockets) or the agent (sockets that predate it).
     pub watch_full: u64,
+    /// Leaks the agent could not mark as reported in the kernel, the map
+    /// being full: their late close comes without a stack.
+    #[serde(default)]
+    pub reported_full: u64,
     pub fd_unresolved: u64,
     pub close_range_truncated: u64,
     pub stack_errors: u64,
@@ -58,6 +63,19 @@ pub struct KernelStats {
     pub stack_walk_truncated: u64,
 }
 
+impl KernelStats {
+    /// Whether anything was lost since `before`: the counters a `loss`
+    /// line reports (sampling by `--stack-rate` is by design, not a loss).
+    pub fn lost_more_than(&self, before: &KernelStats) -> bool {
+        self.ringbuf_drops > before.ringbuf_drops
+            || self.stack_errors > before.stack_errors
+            || self.watch_full > before.watch_full
+            || self.reported_full > before.reported_full
+            || self.fd_unresolved > before.fd_unresolved
+            || self.close_range_truncated > before.close_range_truncated
+    }
+}
+
 pub struct Kernel {
     // Keeps programs and links alive.
     _ebpf: Ebpf,
@@ -66,7 +84,9 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     watch: HashMap<MapData, u64, u32>,
     reported: HashMap<MapData, u64, u8>,
-    stacks: StackTraceMap<MapData>,
+    /// Agent-side insertions into `watch` and `reported` that failed.
+    watch_full: u64,
+    reported_full: u64,
     pub hooks: Vec<HookStatus>,
 }
 
@@ -93,7 +113,6 @@ impl Kernel {
             .override_global("OFFSETS", &offs, true)
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
-            .map_max_entries("STACKS", opts.stack_entries)
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
         // Err only when no log statement is compiled in: nothing to read then.
@@ -127,7 +146,6 @@ impl Kernel {
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
-        let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map")?)?;
         let reported = HashMap::try_from(ebpf.take_map("REPORTED").context("REPORTED map")?)?;
         Ok(Self {
             _ebpf: ebpf,
@@ -136,7 +154,8 @@ impl Kernel {
             stats,
             watch,
             reported,
-            stacks,
+            watch_full: 0,
+            reported_full: 0,
             hooks,
         })
     }
@@ -164,26 +183,20 @@ impl Kernel {
     }
 
     /// Marks a socket as reported leaked, so its eventual close is captured
-    /// with a stack. A full map only loses that stack.
+    /// with a stack. A full map only loses that stack (counted).
     pub fn mark_reported(&mut self, cookie: u64) {
-        let _ = self.reported.insert(cookie, 1, 0);
+        if self.reported.insert(cookie, 1, 0).is_err() {
+            self.reported_full += 1;
+        }
     }
 
     /// Adds a socket to the `--pid` watch list (sockets that predate us).
-    pub fn watch(&mut self, cookie: u64, tgid: u32) -> Result<()> {
-        self.watch.insert(cookie, tgid, 0).context("adding to the watch map")
-    }
-
-    /// Instruction pointers of a captured stack, innermost first.
-    pub fn stack_ips(&self, id: i32) -> Result<Vec<u64>, String> {
-        if id < 0 {
-            return Err(crate::stacks::stack_id_error(id));
+    /// A full map is counted, not fatal: that socket's state changes in
+    /// other contexts (softirq) are missed, and `watch_full` says so.
+    pub fn watch(&mut self, cookie: u64, tgid: u32) {
+        if self.watch.insert(cookie, tgid, 0).is_err() {
+            self.watch_full += 1;
         }
-        let trace = self
-            .stacks
-            .get(&(id as u32), 0)
-            .map_err(|e| format!("stack {id} not readable: {e}"))?;
-        Ok(trace.frames().iter().map(|f| f.ip).collect())
     }
 
     pub fn stats(&self) -> Result<KernelStats> {
@@ -198,7 +211,8 @@ impl Kernel {
         Ok(KernelStats {
             generated: sum(stats::GENERATED)?,
             ringbuf_drops: sum(stats::RINGBUF_DROPS)?,
-            watch_full: sum(stats::WATCH_FULL)?,
+            watch_full: sum(stats::WATCH_FULL)? + self.watch_full,
+            reported_full: self.reported_full,
             fd_unresolved: sum(stats::FD_UNRESOLVED)?,
             close_range_truncated: sum(stats::CLOSE_RANGE_TRUNCATED)?,
             stack_errors: sum(stats::STACK_ERRORS)?,

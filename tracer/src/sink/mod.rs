@@ -55,6 +55,12 @@ pub struct Status {
     pub sockets_tracked: usize,
     pub leaks_now: usize,
     pub ringbuf_drops: u64,
+    /// Distinct stacks the live agent remembers, and its bound (beyond it,
+    /// stacks are named again). Absent in `report`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stacks_held: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stacks_cap: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]

@@ -1,8 +1,10 @@
 //! Captured stacks -> frames, done while the process is alive (by the time
 //! a leak is reported or a recording is analysed it may be gone).
 //!
-//! User stacks arrive walked by the eBPF side ([`walk`]); kernel stacks
-//! (`--kernel-stacks`) as stack-map ids. Native frames are named by
+//! Stacks arrive by value just ahead of their event: user stacks walked by
+//! the eBPF side ([`walk`]), kernel stacks (`--kernel-stacks`) copied.
+//! Each distinct content gets an id of the agent's, never reused, so no
+//! cache can ever serve one stack for another. Native frames are named by
 //! blazesym ([`native`]: ELF symbols, DWARF file:line, perf maps,
 //! kallsyms), a JVM's Java frames by the JVM itself ([`crate::jvm`]).
 
@@ -10,16 +12,15 @@ mod native;
 mod process;
 mod walk;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
-use tracer_common::{Header, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED};
+use tracer_common::{Header, KSTACK_SENT, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED};
 
 use crate::{
-    decode::WalkedStack,
+    decode::{KernelStack, WalkedStack},
     input::{Input, StackInput, StackKey},
-    kernel::Kernel,
 };
 
 /// What kind of code a frame is in.
@@ -82,26 +83,80 @@ impl Frame {
     }
 }
 
-/// Walks waiting for the event they belong to (sent just after them).
+/// Stacks waiting for the event they belong to (sent just after them).
 const PENDING_CAP: usize = 1024;
-/// Deduplicated user stacks remembered; cleared when full (ids are never
-/// reused, so a cleared stack is only symbolized again).
+/// Distinct stacks remembered (content -> id); cleared when full: ids are
+/// never reused, so a forgotten stack is only symbolized again, under a
+/// new id.
 const IDS_CAP: usize = 65536;
+
+/// Stack records by (tid, ktime_ns) of their event. Bounded: records whose
+/// event never came (a counted ring-buffer drop) go first.
+struct Pending<T> {
+    by_event: HashMap<(u32, u64), T>,
+    order: VecDeque<(u32, u64)>,
+}
+
+impl<T> Pending<T> {
+    fn new() -> Self {
+        Pending {
+            by_event: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn insert(&mut self, h: &Header, v: T) {
+        let key = (h.tid, h.ktime_ns);
+        // Keys of records already taken are skipped on the way.
+        while self.by_event.len() >= PENDING_CAP || self.order.len() >= 2 * PENDING_CAP {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.by_event.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if self.by_event.insert(key, v).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
+    fn take(&mut self, h: &Header) -> Option<T> {
+        self.by_event.remove(&(h.tid, h.ktime_ns))
+    }
+}
+
+/// Distinct stacks (pid, content hash) -> the id they were given; kernel
+/// stacks under pid 0.
+struct StackIds {
+    by_content: HashMap<(u32, u64), i32>,
+    next: i32,
+    cap: usize,
+}
+
+impl StackIds {
+    /// The id for a stack's content, and whether it is new (to be named).
+    fn get(&mut self, key: (u32, u64)) -> (i32, bool) {
+        if let Some(&id) = self.by_content.get(&key) {
+            return (id, false);
+        }
+        if self.by_content.len() >= self.cap {
+            self.by_content.clear();
+        }
+        self.next = if self.next == i32::MAX { 0 } else { self.next + 1 };
+        self.by_content.insert(key, self.next);
+        (self.next, true)
+    }
+}
 
 /// Symbolizes each distinct stack once, while its process is alive, and
 /// hands the result on as an input (so a recording carries it).
 pub struct StackSymbolizer {
     native: native::NativeSymbolizer,
     procs: process::Processes,
-    /// Walks by (tid, ktime_ns) of their event.
-    pending: HashMap<(u32, u64), WalkedStack>,
-    pending_order: VecDeque<(u32, u64)>,
-    /// Distinct user stacks (pid, content hash) -> the id they were given.
-    ids: HashMap<(u32, u64), i32>,
-    next_id: i32,
-    /// Kernel stack ids already symbolized.
-    kernel_seen: HashSet<i32>,
-    cap: usize,
+    user_pending: Pending<WalkedStack>,
+    kernel_pending: Pending<KernelStack>,
+    ids: StackIds,
     hasher: foldhash::fast::FixedState,
 }
 
@@ -110,56 +165,62 @@ impl StackSymbolizer {
         StackSymbolizer {
             native: native::NativeSymbolizer::new(),
             procs: process::Processes::default(),
-            pending: HashMap::new(),
-            pending_order: VecDeque::new(),
-            ids: HashMap::new(),
-            next_id: 0,
-            kernel_seen: HashSet::new(),
-            cap,
+            user_pending: Pending::new(),
+            kernel_pending: Pending::new(),
+            ids: StackIds {
+                by_content: HashMap::new(),
+                next: 0,
+                cap: IDS_CAP.min(cap),
+            },
             hasher: foldhash::fast::FixedState::default(),
         }
     }
 
+    /// Distinct stacks remembered now, and the bound.
+    pub fn held(&self) -> (usize, usize) {
+        (self.ids.by_content.len(), self.ids.cap)
+    }
+
     /// A user stack walked in eBPF; its event follows.
     pub fn walked(&mut self, w: WalkedStack) {
-        let key = (w.header.tid, w.header.ktime_ns);
-        // Walks whose event never came (a counted ring-buffer drop) go
-        // first; keys of walks already taken are skipped on the way.
-        while self.pending.len() >= PENDING_CAP || self.pending_order.len() >= 2 * PENDING_CAP {
-            match self.pending_order.pop_front() {
-                Some(old) => {
-                    self.pending.remove(&old);
-                }
-                None => break,
+        let h = w.header;
+        self.user_pending.insert(&h, w);
+    }
+
+    /// A kernel stack copied in eBPF; its event follows.
+    pub fn kernel_copied(&mut self, k: KernelStack) {
+        let h = k.header;
+        self.kernel_pending.insert(&h, k);
+    }
+
+    /// Gives the event's stacks their ids (in `h.ustack`, `h.kstack`) and
+    /// pushes inputs for those not seen yet. A stack whose record was lost
+    /// keeps its `*_WALKED`/`*_SENT` marker, which says so.
+    pub fn learn(&mut self, h: &mut Header, out: &mut Vec<Input>) {
+        if h.ustack == USTACK_WALKED {
+            if let Some(w) = self.user_pending.take(h) {
+                h.ustack = self.user_stack(h.tgid, &w, out);
             }
         }
-        if self.pending.insert(key, w).is_none() {
-            self.pending_order.push_back(key);
+        if h.kstack == KSTACK_SENT {
+            if let Some(k) = self.kernel_pending.take(h) {
+                h.kstack = self.kernel_stack(&k.ips, out);
+            }
         }
     }
 
-    /// Gives the event's walked user stack its id (in `h.ustack`) and
-    /// pushes inputs for the stacks `h` refers to that were not seen yet.
-    pub fn learn(&mut self, k: &Kernel, h: &mut Header, out: &mut Vec<Input>) {
-        if h.ustack == USTACK_WALKED {
-            if let Some(w) = self.pending.remove(&(h.tid, h.ktime_ns)) {
-                h.ustack = self.user_stack(h.tgid, &w, out);
-            }
-            // Otherwise the walk's record was lost: USTACK_WALKED stays,
-            // and says so.
-        }
-        if h.kstack >= 0 && !self.kernel_seen.contains(&h.kstack) {
-            if self.kernel_seen.len() >= self.cap {
-                self.kernel_seen.clear();
-            }
-            self.kernel_seen.insert(h.kstack);
-            let frames = k.stack_ips(h.kstack).map(|ips| self.native.kernel(&ips));
+    fn kernel_stack(&mut self, ips: &[u64], out: &mut Vec<Input>) -> i32 {
+        let mut h = self.hasher.build_hasher();
+        ips.hash(&mut h);
+        let (id, new) = self.ids.get((0, h.finish()));
+        if new {
             out.push(Input::Stack(StackInput {
-                key: StackKey { pid: 0, id: h.kstack },
-                frames,
+                key: StackKey { pid: 0, id },
+                frames: Ok(self.native.kernel(ips)),
                 truncated: None,
             }));
         }
+        id
     }
 
     fn user_stack(&mut self, pid: u32, w: &WalkedStack, out: &mut Vec<Input>) -> i32 {
@@ -167,15 +228,10 @@ impl StackSymbolizer {
         let pcs: Vec<u64> = w.frames.iter().map(|f| f.pc).collect();
         let mut ctx = self.procs.get(pid, &pcs);
         let key = (pid, content_hash(&self.hasher, w, ctx.as_deref_mut()));
-        if let Some(&id) = self.ids.get(&key) {
+        let (id, new) = self.ids.get(key);
+        if !new {
             return id;
         }
-        if self.ids.len() >= IDS_CAP.min(self.cap) {
-            self.ids.clear();
-        }
-        self.next_id = if self.next_id == i32::MAX { 0 } else { self.next_id + 1 };
-        let id = self.next_id;
-        self.ids.insert(key, id);
         let unwound = match ctx {
             Some(ctx) => walk::unwind(pid, w, ctx, &self.native),
             None => Err("the process exited before its stack was symbolized".into()),
@@ -236,10 +292,13 @@ pub fn stack_id_error(id: i32) -> String {
         STACKS_SAMPLED_OUT => {
             "not captured: the process opened sockets faster than its stack budget (--stack-rate); counted in stacks_sampled_out".into()
         }
+        // Recordings made when kernel stacks were stack-map ids.
         x if x == -libc::EEXIST => "stack map full or hash collision: stack lost (counted in stack_errors)".into(),
         x if x == -libc::EFAULT => "stack could not be read".into(),
         x if x == -libc::ENOMEM => "stack map full: stack lost (counted in stack_errors)".into(),
-        USTACK_WALKED => "the stack walked for this event was not found (dropped while waiting for its event)".into(),
+        USTACK_WALKED | KSTACK_SENT => {
+            "the stack sent for this event was not found (dropped while waiting for its event)".into()
+        }
         x if x == -libc::ENOSPC => "no room in the ring buffer for the stack: stack lost (counted in stack_errors)".into(),
         x if x == -libc::EBUSY => {
             "the stack walk's scratch record was in use by a program this one preempted: stack lost (counted in stack_errors)".into()
