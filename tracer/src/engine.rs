@@ -107,10 +107,7 @@ impl Engine {
                 let before = self.kernel_stats;
                 self.kernel_stats = s.kernel;
                 let k = s.kernel;
-                if k.ringbuf_drops > before.ringbuf_drops
-                    || k.stack_errors > before.stack_errors
-                    || k.watch_full > before.watch_full
-                {
+                if k.lost_more_than(&before) {
                     sink.loss(&Loss {
                         time: self.wall.format(s.ns),
                         kernel: k,
@@ -211,6 +208,8 @@ impl Engine {
             sockets_tracked: stats.sockets_tracked,
             leaks_now: self.corr.current_leaks(self.now_ns).len(),
             ringbuf_drops: self.kernel_stats.ringbuf_drops,
+            stacks_held: None,
+            stacks_cap: None,
         }
     }
 
