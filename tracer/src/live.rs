@@ -4,7 +4,7 @@
 //! is recorded (if recording) and fed to the one [`Engine`].
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io::{self, IsTerminal, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::PathBuf,
@@ -15,6 +15,7 @@ use anyhow::{bail, Context as _, Result};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
+    task::JoinHandle,
     time::{interval, Instant, MissedTickBehavior},
 };
 use tracer_common::tcp;
@@ -25,7 +26,7 @@ use crate::{
     correlate::Correlator,
     decode::{decode_record, Event, Record},
     engine::Engine,
-    evidence,
+    evidence::{self, Evidence},
     input::{EndInput, EvidenceInput, ExitInput, Input, SnapshotInput, StatsInput},
     kernel::{Kernel, LoadOptions},
     procs::{self, ProcNames},
@@ -102,6 +103,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         full: false,
         last_stats: None,
         last_evidence_ns: 0,
+        evidence_job: None,
     };
 
     let snap = snapshot_inputs(&mut kernel, args.pid)?;
@@ -187,6 +189,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
                 }
                 r
             }
+            found = wait_evidence(&mut s.evidence_job), if s.evidence_job.is_some() => s.evidence_done(found),
             _ = status_tick.tick() => s.status(&kernel, &output),
             _ = &mut until_deadline => break "duration",
             _ = sigint.recv() => break "signal",
@@ -308,6 +311,44 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// An evidence gathering running on a worker thread: a sock_diag dump and
+/// a scan of every process's fds take long on a big host, and the ring
+/// buffer must keep being drained meanwhile.
+struct EvidenceJob {
+    /// The sweep time the gathering is for.
+    ns: u64,
+    handle: JoinHandle<HashMap<u64, Evidence>>,
+}
+
+fn spawn_evidence(cookies: HashSet<u64>, ns: u64) -> EvidenceJob {
+    let handle = tokio::task::spawn_blocking(move || {
+        // Lets a test show that a slow gathering does not stop the drain.
+        #[cfg(debug_assertions)]
+        if let Some(ms) = std::env::var("TRACER_TEST_EVIDENCE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        evidence::gather(&cookies)
+    });
+    EvidenceJob { ns, handle }
+}
+
+/// The sweep time and result of the running evidence job, when it ends.
+async fn wait_evidence(job: &mut Option<EvidenceJob>) -> (u64, HashMap<u64, Evidence>) {
+    let Some(j) = job.as_mut() else {
+        return std::future::pending().await;
+    };
+    let ns = j.ns;
+    let found = (&mut j.handle).await.unwrap_or_else(|e| {
+        log::warn!("gathering leak evidence failed: {e}");
+        HashMap::new()
+    });
+    *job = None;
+    (ns, found)
+}
+
 struct Session {
     engine: Engine,
     sink: Box<dyn Sink>,
@@ -321,6 +362,7 @@ struct Session {
     full: bool,
     last_stats: Option<crate::kernel::KernelStats>,
     last_evidence_ns: u64,
+    evidence_job: Option<EvidenceJob>,
 }
 
 impl Session {
@@ -391,21 +433,41 @@ impl Session {
     }
 
     /// Time passes. Evidence for the leaks about to be reported is read
-    /// first, so it is recorded ahead of the tick that reports them.
+    /// first (on a worker), so it is recorded ahead of the tick that
+    /// reports them.
     fn tick(&mut self, kernel: &Kernel, now: u64) -> io::Result<()> {
-        let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
         self.push_stats(kernel);
-        if !due.is_empty() {
-            // Evidence costs a sock_diag dump and a /proc scan: at most
-            // once per EVIDENCE_EVERY. Until then the clock is not advanced,
-            // so due leaks wait (and are reported together) instead of
-            // being reported without their evidence.
-            if now.saturating_sub(self.last_evidence_ns) < EVIDENCE_EVERY.as_nanos() as u64 {
-                return self.flush_inputs();
-            }
-            self.last_evidence_ns = now;
-            self.push_evidence(due, now);
+        // While evidence is being gathered the clock is not advanced, so
+        // due leaks wait (and are reported together, with it) instead of
+        // being reported without their evidence.
+        if self.evidence_job.is_some() {
+            return self.flush_inputs();
         }
+        let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
+        if !due.is_empty() {
+            // At most one gathering per EVIDENCE_EVERY.
+            if now.saturating_sub(self.last_evidence_ns) >= EVIDENCE_EVERY.as_nanos() as u64 {
+                self.last_evidence_ns = now;
+                self.evidence_job = Some(spawn_evidence(due, now));
+            }
+            return self.flush_inputs();
+        }
+        self.advance_clock(now)
+    }
+
+    /// The evidence gathered for the sweep at `ns`: recorded, then the
+    /// sweep that reports those leaks.
+    fn evidence_done(&mut self, (ns, found): (u64, HashMap<u64, Evidence>)) -> io::Result<()> {
+        if !found.is_empty() {
+            self.inputs.push(Input::Evidence(EvidenceInput {
+                ns,
+                items: found.into_iter().collect(),
+            }));
+        }
+        self.advance_clock(ns)
+    }
+
+    fn advance_clock(&mut self, now: u64) -> io::Result<()> {
         self.inputs.push(Input::Tick(now));
         self.flush_inputs()?;
         if let Some(r) = self.recorder.as_mut() {
@@ -414,6 +476,7 @@ impl Session {
         Ok(())
     }
 
+    /// Gathers evidence here and now: only where nothing is left to drain.
     fn push_evidence(&mut self, cookies: HashSet<u64>, now: u64) {
         if cookies.is_empty() {
             return;
@@ -469,8 +532,11 @@ impl Session {
     }
 
     fn finish(&mut self, kernel: &mut Kernel, reason: &'static str) -> io::Result<()> {
-        // Stop the producers, then take everything they produced.
+        // Stop the producers, then take everything they produced. A
+        // gathering still running is superseded by the one below, which
+        // covers its leaks too (they are still due).
         kernel.stop();
+        self.evidence_job = None;
         self.drain(kernel)?;
         let now = clock::monotonic_ns();
         let mut cookies: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();
