@@ -5,25 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    correlate::SnapshotSocket, decode::Event, evidence::Evidence, kernel::KernelStats, procs::ProcInfo, stacks::Frame,
+    correlate::SnapshotSocket, decode::Event, evidence::Evidence, kernel::KernelStats, procs::ProcInfo,
 };
 
-/// Identifies a captured stack: user stacks are per process, kernel stacks
-/// (`pid` 0) are global.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct StackKey {
-    pub pid: u32,
-    pub id: i32,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StackInput {
-    pub key: StackKey,
-    pub frames: Result<Vec<Frame>, String>,
-    /// Why the stack ends before its outermost frame, when it does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub truncated: Option<String>,
-}
+pub use crate::stacks::{StackInput, StackKey};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProcessInput {

@@ -27,7 +27,7 @@ use crate::{
     decode::{decode_record, Event, Record},
     engine::Engine,
     evidence::{self, Evidence},
-    input::{EndInput, EvidenceInput, ExitInput, Input, SnapshotInput, StatsInput},
+    input::{EndInput, EvidenceInput, ExitInput, Input, SnapshotInput, StackInput, StatsInput},
     kernel::{Kernel, LoadOptions},
     procs::{self, ProcNames},
     record::writer::{Header, HeaderOptions, Recorder, Written},
@@ -99,6 +99,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         names: ProcNames::new(65536),
         stacks: StackSymbolizer::new(65536),
         inputs: Vec::new(),
+        named: Vec::new(),
         decode_errors: 0,
         full: false,
         last_stats: None,
@@ -357,6 +358,8 @@ struct Session {
     stacks: StackSymbolizer,
     /// Inputs waiting to be recorded and analysed, in order.
     inputs: Vec<Input>,
+    /// Stacks named for the event being drained (reused buffer).
+    named: Vec<StackInput>,
     decode_errors: u64,
     /// The recording reached its size limit.
     full: bool,
@@ -422,7 +425,8 @@ impl Session {
                 }
             }
             if owner || matches!(ev, Event::Close(_)) {
-                self.stacks.learn(ev.header_mut(), &mut self.inputs);
+                self.stacks.learn(ev.header_mut(), &mut self.named);
+                self.inputs.extend(self.named.drain(..).map(Input::Stack));
             }
             self.inputs.push(Input::Kernel(ev));
             if self.inputs.len() >= 1024 {

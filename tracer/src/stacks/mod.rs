@@ -18,10 +18,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use serde::{Deserialize, Serialize};
 use tracer_common::{Header, KSTACK_SENT, NO_STACK, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED};
 
-use crate::{
-    decode::{KernelStack, WalkedStack},
-    input::{Input, StackInput, StackKey},
-};
+use crate::decode::{KernelStack, WalkedStack};
 
 /// What kind of code a frame is in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,6 +78,23 @@ impl Frame {
             FrameKind::Interpreted | FrameKind::Compiled | FrameKind::Inlined
         )
     }
+}
+
+/// Identifies a captured stack: user stacks are per process, kernel stacks
+/// (`pid` 0) are global.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StackKey {
+    pub pid: u32,
+    pub id: i32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StackInput {
+    pub key: StackKey,
+    pub frames: Result<Vec<Frame>, String>,
+    /// Why the stack ends before its outermost frame, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<String>,
 }
 
 /// Stacks waiting for the event they belong to (sent just after them).
@@ -196,7 +210,7 @@ impl StackSymbolizer {
     /// Gives the event's stacks their ids (in `h.ustack`, `h.kstack`) and
     /// pushes inputs for those not seen yet. A stack whose record was lost
     /// keeps its `*_WALKED`/`*_SENT` marker, which says so.
-    pub fn learn(&mut self, h: &mut Header, out: &mut Vec<Input>) {
+    pub fn learn(&mut self, h: &mut Header, out: &mut Vec<StackInput>) {
         if h.ustack == USTACK_WALKED {
             if let Some(w) = self.user_pending.take(h) {
                 h.ustack = self.user_stack(h.tgid, &w, out);
@@ -209,21 +223,21 @@ impl StackSymbolizer {
         }
     }
 
-    fn kernel_stack(&mut self, ips: &[u64], out: &mut Vec<Input>) -> i32 {
+    fn kernel_stack(&mut self, ips: &[u64], out: &mut Vec<StackInput>) -> i32 {
         let mut h = self.hasher.build_hasher();
         ips.hash(&mut h);
         let (id, new) = self.ids.get((0, h.finish()));
         if new {
-            out.push(Input::Stack(StackInput {
+            out.push(StackInput {
                 key: StackKey { pid: 0, id },
                 frames: Ok(self.native.kernel(ips)),
                 truncated: None,
-            }));
+            });
         }
         id
     }
 
-    fn user_stack(&mut self, pid: u32, w: &WalkedStack, out: &mut Vec<Input>) -> i32 {
+    fn user_stack(&mut self, pid: u32, w: &WalkedStack, out: &mut Vec<StackInput>) -> i32 {
         // One look at the process serves both the identity and the naming.
         let pcs: Vec<u64> = w.frames.iter().map(|f| f.pc).collect();
         let mut ctx = self.procs.get(pid, &pcs);
@@ -236,11 +250,11 @@ impl StackSymbolizer {
             Some(ctx) => walk::unwind(pid, w, ctx, &self.native),
             None => Err("the process exited before its stack was symbolized".into()),
         };
-        out.push(Input::Stack(StackInput {
+        out.push(StackInput {
             key: StackKey { pid, id },
             truncated: unwound.as_ref().ok().and_then(|u| u.truncated.clone()),
             frames: unwound.map(|u| u.frames),
-        }));
+        });
         id
     }
 }
