@@ -184,10 +184,14 @@ pub struct StateEvent {
     pub oldstate: u8,
     pub newstate: u8,
     /// `rcv_nxt - copied_seq`: bytes received and not read by the
-    /// application, plus one for a FIN. Filled on entering CLOSE_WAIT.
+    /// application, plus one for a FIN. Filled on entering CLOSE_WAIT;
+    /// [`RX_QUEUE_UNKNOWN`] if the socket could not be read.
     pub rx_queue: u32,
     pub _pad: u32,
 }
+
+/// [`StateEvent::rx_queue`] value meaning "could not be read".
+pub const RX_QUEUE_UNKNOWN: u32 = u32::MAX;
 
 /// A socket fd crossing a syscall: returned by accept, or passed to close.
 #[repr(C)]

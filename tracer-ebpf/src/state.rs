@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     event::{AF_INET, AF_INET6},
-    stats, tcp, EventKind, StateEvent,
+    stats, tcp, EventKind, StateEvent, RX_QUEUE_UNKNOWN,
 };
 
 use crate::{
@@ -66,9 +66,23 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
     if newstate == tcp::CLOSE_WAIT {
         // The FIN is already counted in rcv_nxt here (tcp_fin runs after
         // rcv_nxt moved past it), so this is unread data + 1.
-        let nxt: u32 = unsafe { read(base, off!(tcp_rcv_nxt))? };
-        let copied: u32 = unsafe { read(base, off!(tcp_copied_seq))? };
-        ev.rx_queue = nxt.wrapping_sub(copied);
+        // Reading tcp_sock goes beyond what the verifier lets the typed
+        // pointer reach, so it is a probe read, which could fault if the
+        // layout were misread: then the event still goes (the state change
+        // matters more than the byte count), marked unknown, and the one
+        // diagnostic that says which field goes to the agent's log.
+        ev.rx_queue = match unsafe { (read::<u32>(base, off!(tcp_rcv_nxt)), read::<u32>(base, off!(tcp_copied_seq))) } {
+            (Ok(nxt), Ok(copied)) => nxt.wrapping_sub(copied),
+            _ => {
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "reading tcp_sock rcv_nxt/copied_seq (offsets {}, {}) faulted: unread bytes at FIN unknown",
+                    off!(tcp_rcv_nxt),
+                    off!(tcp_copied_seq)
+                );
+                RX_QUEUE_UNKNOWN
+            }
+        };
     }
     if family == AF_INET {
         let s: u32 = unsafe { load(sk, off!(skc_rcv_saddr)) };

@@ -2,6 +2,7 @@
 //! events; a clock-driven sweep turns "no close arrived" into a verdict,
 //! because a leak is the absence of an event.
 
+mod refs;
 mod socket;
 mod table;
 #[cfg(test)]
@@ -10,7 +11,7 @@ mod tests;
 use std::collections::BTreeSet;
 
 pub use socket::{CloseCall, Comm, Endpoints, LeakReport, Owner, OwnerSource, Since, Socket, StackRef, Verdict};
-use tracer_common::{tcp, FdEvent, StateEvent};
+use tracer_common::{tcp, FdEvent, StateEvent, RX_QUEUE_UNKNOWN};
 
 use crate::decode::Event;
 use table::Table;
@@ -163,7 +164,7 @@ impl Correlator {
                 self.pending.remove(&(old.ns, h.cookie));
             }
             // rx_queue counts the FIN's sequence number too.
-            sock.unread_at_fin = Some(ev.rx_queue.saturating_sub(1));
+            sock.unread_at_fin = (ev.rx_queue != RX_QUEUE_UNKNOWN).then(|| ev.rx_queue.saturating_sub(1));
             self.pending.insert((since.ns, h.cookie));
         } else if let Some(since) = sock.close_wait.take() {
             // Left CLOSE_WAIT: the application closed it (LAST_ACK), or it
@@ -173,7 +174,9 @@ impl Correlator {
                 let aborted = ev.newstate == tcp::CLOSE;
                 let leak = report(sock, since, h.ktime_ns);
                 out.push(Verdict::LateClose {
-                    closed_after_ns: h.ktime_ns.saturating_sub(since.ns + leak_after),
+                    // Saturating: times come from recordings too, and a
+                    // crafted one must not overflow.
+                    closed_after_ns: h.ktime_ns.saturating_sub(since.ns.saturating_add(leak_after)),
                     leak,
                     aborted,
                 });

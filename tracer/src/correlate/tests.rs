@@ -470,3 +470,20 @@ fn quiet_sockets_count_against_the_bound() {
     assert!(c.socket(4).is_none());
     assert_eq!(c.stats().untracked_table_full, 2);
 }
+
+/// A socket the kernel side could not read at FIN: the byte count is
+/// unknown, not zero.
+#[test]
+fn unreadable_rx_queue_is_unknown_not_zero() {
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = Vec::new();
+    c.on_event(&state(0, CLIENT, 1, 0xa001, tcp::CLOSE, tcp::SYN_SENT), &mut out);
+    c.on_event(&state(1, CLIENT, 1, 0xa001, tcp::SYN_SENT, tcp::ESTABLISHED), &mut out);
+    let Event::State(mut fin) = state(5, SERVER, 1, 0xa001, tcp::ESTABLISHED, tcp::CLOSE_WAIT) else {
+        unreachable!()
+    };
+    fin.rx_queue = RX_QUEUE_UNKNOWN;
+    c.on_event(&Event::State(fin), &mut out);
+    assert_eq!(c.socket(1).and_then(|s| s.unread_at_fin), None);
+    assert!(c.socket(1).is_some_and(|s| s.close_wait.is_some()), "the state change itself counts");
+}

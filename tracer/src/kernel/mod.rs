@@ -115,8 +115,16 @@ impl Kernel {
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
-        // Err only when no log statement is compiled in: nothing to read then.
-        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+        // The eBPF side logs only rare diagnostics (a socket it could not
+        // read); everything frequent is a counter. Without the logger those
+        // few lines are lost, nothing else.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("eBPF-side diagnostics will not be shown: {e}");
+                None
+            }
+        };
 
         let mut hooks = Vec::new();
         for hook in HOOKS {
