@@ -56,6 +56,11 @@ impl Table {
         }
     }
 
+    /// Pids holding sockets known only from the snapshot.
+    pub(super) fn quiet_holders(&self) -> impl Iterator<Item = u32> + '_ {
+        self.quiet.values().filter_map(|q| q.holder.map(|h| h.0))
+    }
+
     /// Sockets tracked, of both kinds.
     pub(super) fn len(&self) -> usize {
         self.sockets.len() + self.quiet.len()
