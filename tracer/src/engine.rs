@@ -11,15 +11,25 @@ use crate::{
     decode::Event,
     evidence::Evidence,
     findings::{self, Enrich, LeakOut, StackOut},
-    input::{Input, StackInput, StackKey},
+    input::{ForgetInput, Input, StackInput, StackKey},
     kernel::KernelStats,
     procs::ProcInfo,
     sink::{EventOut, Loss, Sink, Status, Summary, SummaryStats},
     stacks::stack_id_error,
 };
 
-/// Bound on remembered process names and stacks; cleared when reached.
-const CACHE_CAP: usize = 65536;
+/// Remembered process names, stacks and evidence beyond which those that no
+/// tracked socket refers to are forgotten. What is referenced is kept (the
+/// socket table's own bound, `--max-sockets`, bounds it), and the next
+/// round waits until the caches have doubled, so a round costs O(1) per
+/// insertion.
+///
+/// Names and stacks are sent once by their producer (the live agent), so
+/// only the producer may decide to forget one: it then sends it again when
+/// it is next needed. The live agent asks [`Engine::unreferenced`], tells
+/// its producers, and feeds the decision back ([`Engine::forget`]). Evidence
+/// is per socket: forgotten here once its socket is gone.
+const CACHE_CAP: usize = 8192;
 
 pub struct Engine {
     corr: Correlator,
@@ -34,6 +44,9 @@ pub struct Engine {
     reported: Vec<u64>,
     start_ns: Option<u64>,
     now_ns: u64,
+    /// Size of the names or stacks cache that triggers the next round of
+    /// forgetting.
+    cache_limit: usize,
 }
 
 impl Engine {
@@ -50,6 +63,7 @@ impl Engine {
             reported: Vec::new(),
             start_ns: None,
             now_ns: 0,
+            cache_limit: CACHE_CAP,
         }
     }
 
@@ -80,11 +94,9 @@ impl Engine {
                 self.corr.on_event(ev, &mut self.verdicts);
             }
             Input::Process(p) => {
-                bounded(&mut self.names);
                 self.names.insert(p.pid, p.info.clone());
             }
             Input::Stack(s) => {
-                bounded(&mut self.stacks);
                 self.stacks.insert(s.key, s.clone());
             }
             Input::Snapshot(s) => {
@@ -95,12 +107,13 @@ impl Engine {
                 }
             }
             Input::Evidence(e) => {
-                bounded(&mut self.evidence);
                 self.evidence.extend(e.items.iter().cloned());
             }
             Input::Tick(ns) => {
                 self.advance(*ns);
                 self.corr.sweep(*ns, &mut self.verdicts);
+                self.emit(sink)?;
+                self.forget_evidence();
             }
             Input::Stats(s) => {
                 self.advance(s.ns);
@@ -269,8 +282,54 @@ impl Engine {
     }
 }
 
-fn bounded<K, V>(m: &mut HashMap<K, V>) {
-    if m.len() >= CACHE_CAP {
-        m.clear();
+impl Engine {
+    /// Names and stacks no tracked socket refers to, once the caches have
+    /// reached their limit; to be forgotten by their producer and then
+    /// here ([`Engine::forget`]). Only between ticks: every stack and name
+    /// fed has had its event fed too (they come just before it), so the
+    /// references are complete.
+    pub fn unreferenced(&mut self, ns: u64) -> Option<ForgetInput> {
+        if self.names.len().max(self.stacks.len()) < self.cache_limit {
+            return None;
+        }
+        let refs = self.corr.references();
+        let pids: Vec<u32> = self.names.keys().filter(|p| !refs.pids.contains(p)).copied().collect();
+        let stacks: Vec<StackKey> = self
+            .stacks
+            .keys()
+            .filter(|k| !refs.stacks.contains(&(k.pid, k.id)))
+            .copied()
+            .collect();
+        let left = (self.names.len() - pids.len()).max(self.stacks.len() - stacks.len());
+        self.cache_limit = CACHE_CAP.max(2 * left);
+        Some(ForgetInput { ns, pids, stacks })
+    }
+
+    pub fn forget(&mut self, f: &ForgetInput) {
+        for pid in &f.pids {
+            self.names.remove(pid);
+        }
+        for key in &f.stacks {
+            self.stacks.remove(key);
+        }
+    }
+
+    /// Evidence of sockets that are gone, once there is much of it.
+    fn forget_evidence(&mut self) {
+        if self.evidence.len() < CACHE_CAP {
+            return;
+        }
+        let refs = self.corr.references();
+        self.evidence.retain(|cookie, _| refs.cookies.contains(cookie));
+    }
+
+    /// Entries in the names and stacks caches.
+    #[cfg(test)]
+    pub fn cached(&self) -> (usize, usize) {
+        (self.names.len(), self.stacks.len())
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -47,6 +47,15 @@ pub struct EndInput {
     pub reason: String,
 }
 
+/// Process names and stacks the live agent has forgotten (nothing referred
+/// to them); it sends them again if they are needed later.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetInput {
+    pub ns: u64,
+    pub pids: Vec<u32>,
+    pub stacks: Vec<StackKey>,
+}
+
 #[derive(Clone, Debug)]
 pub enum Input {
     Kernel(Event),

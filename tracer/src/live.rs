@@ -474,10 +474,22 @@ impl Session {
     fn advance_clock(&mut self, now: u64) -> io::Result<()> {
         self.inputs.push(Input::Tick(now));
         self.flush_inputs()?;
+        self.forget_unreferenced(now);
         if let Some(r) = self.recorder.as_mut() {
             r.flush()?;
         }
         Ok(())
+    }
+
+    /// Keeps the names and stacks caches bounded: what no tracked socket
+    /// refers to is forgotten by the analysis and by the producers alike,
+    /// which send it again if it is needed later.
+    fn forget_unreferenced(&mut self, now: u64) {
+        if let Some(f) = self.engine.unreferenced(now) {
+            self.stacks.forget(&f.stacks);
+            self.names.forget(&f.pids);
+            self.engine.forget(&f);
+        }
     }
 
     /// Gathers evidence here and now: only where nothing is left to drain.

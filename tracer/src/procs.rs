@@ -83,6 +83,14 @@ impl ProcNames {
         }
     }
 
+    /// Forgets processes (the analysis no longer holds their names): if
+    /// they are asked for again, they are read and sent again.
+    pub fn forget(&mut self, pids: &[u32]) {
+        for pid in pids {
+            self.seen.remove(pid);
+        }
+    }
+
     /// The process's name, the first time it is asked for.
     pub fn learn(&mut self, pid: u32) -> Option<crate::input::ProcessInput> {
         if pid == 0 || self.seen.contains(&pid) {

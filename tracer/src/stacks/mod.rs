@@ -144,6 +144,8 @@ impl<T> Pending<T> {
 /// stacks under pid 0.
 struct StackIds {
     by_content: HashMap<(u32, u64), i32>,
+    /// The other way round, to forget by id.
+    by_id: HashMap<i32, (u32, u64)>,
     next: i32,
     cap: usize,
 }
@@ -156,10 +158,20 @@ impl StackIds {
         }
         if self.by_content.len() >= self.cap {
             self.by_content.clear();
+            self.by_id.clear();
         }
         self.next = if self.next == i32::MAX { 0 } else { self.next + 1 };
         self.by_content.insert(key, self.next);
+        self.by_id.insert(self.next, key);
         (self.next, true)
+    }
+
+    /// Forgets a stack: if its content comes again, it gets a new id and is
+    /// named and sent again.
+    fn forget(&mut self, id: i32) {
+        if let Some(key) = self.by_id.remove(&id) {
+            self.by_content.remove(&key);
+        }
     }
 }
 
@@ -183,6 +195,7 @@ impl StackSymbolizer {
             kernel_pending: Pending::new(),
             ids: StackIds {
                 by_content: HashMap::new(),
+                by_id: HashMap::new(),
                 next: 0,
                 cap: IDS_CAP.min(cap),
             },
@@ -193,6 +206,13 @@ impl StackSymbolizer {
     /// Distinct stacks remembered now, and the bound.
     pub fn held(&self) -> (usize, usize) {
         (self.ids.by_content.len(), self.ids.cap)
+    }
+
+    /// Stacks the analysis no longer holds ([`crate::engine::Engine::unreferenced`]).
+    pub fn forget(&mut self, keys: &[StackKey]) {
+        for k in keys {
+            self.ids.forget(k.id);
+        }
     }
 
     /// A user stack walked in eBPF; its event follows.
@@ -318,5 +338,36 @@ pub fn stack_id_error(id: i32) -> String {
             "the stack walk's scratch record was in use by a program this one preempted: stack lost (counted in stack_errors)".into()
         }
         x => format!("stack capture failed (errno {})", -x),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forgotten stack is named and sent again under a new id when it
+    /// comes back: an id is never served for other content, nor reused.
+    #[test]
+    fn forgotten_stacks_come_back_under_new_ids() {
+        let mut ids = StackIds {
+            by_content: HashMap::new(),
+            by_id: HashMap::new(),
+            next: 0,
+            cap: 4,
+        };
+        let (a, new) = ids.get((7, 0xaaaa));
+        assert!(new);
+        assert_eq!(ids.get((7, 0xaaaa)), (a, false));
+        ids.forget(a);
+        let (a2, new) = ids.get((7, 0xaaaa));
+        assert!(new && a2 != a, "a forgotten stack is new again, with a new id");
+        // Full: forgets everything, and still never reuses an id.
+        let more: Vec<i32> = (0..8).map(|i| ids.get((8, i)).0).collect();
+        let mut all = more.clone();
+        all.extend([a, a2]);
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 10, "ids are never reused: {more:?}");
+        assert!(ids.by_content.len() <= 4 && ids.by_id.len() == ids.by_content.len());
     }
 }
