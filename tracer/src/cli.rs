@@ -28,14 +28,54 @@ pub enum Command {
     Export(ExportArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug)]
 pub struct LiveArgs {
-    #[command(flatten)]
     pub trace: TraceArgs,
+    pub json: bool,
+}
+
+/// `live`'s command line. `--events` is an output option, so `record`
+/// (which prints no findings) must refuse it; the tracing code reads it
+/// from the [`TraceArgs`] both share, so it is parsed here and handed over.
+#[derive(Debug, Args)]
+struct LiveFlags {
+    #[command(flatten)]
+    trace: TraceArgs,
 
     /// JSON Lines on stdout, one object per line, each with a "type".
     #[arg(long)]
-    pub json: bool,
+    json: bool,
+
+    /// Also print every TCP state change, accept and close (costly on a
+    /// busy host: printing is dearer than tracing).
+    #[arg(long)]
+    events: bool,
+}
+
+impl clap::FromArgMatches for LiveArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut f = LiveFlags::from_arg_matches(m)?;
+        f.trace.events = f.events;
+        Ok(LiveArgs {
+            trace: f.trace,
+            json: f.json,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for LiveArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        LiveFlags::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        LiveFlags::augment_args_for_update(cmd)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -120,9 +160,9 @@ pub struct TraceArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
-    /// Also print every TCP state change, accept and close (costly on a
-    /// busy host: printing is dearer than tracing).
-    #[arg(long)]
+    /// Print every event: `live --events` sets it (not a flag here, since
+    /// `record` shares these arguments and prints no events).
+    #[arg(skip)]
     pub events: bool,
 
     /// Also capture kernel stacks where sockets are opened and closed. Off
@@ -153,10 +193,15 @@ pub struct TraceArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_bytes, hide = true)]
     pub ring_bytes: u32,
 
-    /// Entries in the kernel's stack map. When full, new stacks are lost
-    /// and counted (stack_errors).
-    #[arg(long, value_name = "N", default_value_t = 16384, hide = true)]
-    pub stack_entries: u32,
+    /// Entries in the kernel's `--pid` watch list (sockets of the watched
+    /// process). When full, more are counted (watch_full), not watched.
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
+    pub watch_entries: u32,
+
+    /// Entries in the kernel's list of reported leaks (whose close gets a
+    /// stack). When full, more are counted (reported_full).
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
+    pub reported_entries: u32,
 
     /// Most sockets the agent tracks at once; beyond, new ones are counted
     /// as untracked.
@@ -245,5 +290,32 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tracer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn events_is_an_output_option_of_live_and_report_only() {
+        let Command::Live(a) = parse(&["live", "--events", "--json"]).unwrap().command else {
+            panic!("live")
+        };
+        assert!(a.trace.events && a.json);
+        let Command::Live(a) = parse(&["live", "--pid", "7"]).unwrap().command else {
+            panic!("live")
+        };
+        assert!(!a.trace.events && a.trace.pid == Some(7));
+        let Command::Report(a) = parse(&["report", "--events", "f"]).unwrap().command else {
+            panic!("report")
+        };
+        assert!(a.events);
+        let Command::Record(a) = parse(&["record", "-o", "f"]).unwrap().command else {
+            panic!("record")
+        };
+        assert!(!a.trace.events);
+        let e = parse(&["record", "-o", "f", "--events"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+        assert!(e.to_string().contains("--events"), "{e}");
     }
 }

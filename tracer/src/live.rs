@@ -75,6 +75,8 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         filter_tgid: args.pid,
         ring_bytes: args.ring_bytes,
         wakeup_bytes: u64::from(args.ring_bytes) / WAKEUP_FRACTION,
+        watch_entries: args.watch_entries,
+        reported_entries: args.reported_entries,
         kernel_stacks: args.kernel_stacks,
         user_stacks: !args.no_stacks,
         stack_rate: args.stack_rate,

@@ -24,6 +24,9 @@ pub struct LoadOptions {
     pub filter_tgid: Option<u32>,
     pub ring_bytes: u32,
     pub wakeup_bytes: u64,
+    /// Bounds of the `--pid` watch list and of the reported-leaks map.
+    pub watch_entries: u32,
+    pub reported_entries: u32,
     pub kernel_stacks: bool,
     pub user_stacks: bool,
     pub stack_rate: u32,
@@ -113,6 +116,8 @@ impl Kernel {
             .override_global("OFFSETS", &offs, true)
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
+            .map_max_entries("WATCH", opts.watch_entries)
+            .map_max_entries("REPORTED", opts.reported_entries)
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
         // The eBPF side logs only rare diagnostics (a socket it could not
