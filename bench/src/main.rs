@@ -15,7 +15,6 @@
 //! baseline or of the tracer failed (peer tools are reported, not judged).
 
 mod observer;
-mod procs;
 mod report;
 mod run;
 
@@ -30,7 +29,9 @@ use clap::Parser;
 use serde::Serialize;
 
 use observer::{Observer, TracerKind};
+// At the root, so that the modules' `crate::procs` paths find it.
 use run::{run_one, Ctx};
+use tracer_bench::procs;
 
 #[derive(Parser, Debug)]
 #[command(

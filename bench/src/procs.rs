@@ -416,7 +416,23 @@ pub fn cpu_from_stat(stat: &str) -> Option<f64> {
 
 /// VmHWM (peak resident set) of /proc/PID/status, in KiB.
 pub fn hwm_from_status(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    status_kib(status, "VmHWM:")
+}
+
+/// VmRSS (resident set now) of /proc/PID/status, in KiB.
+pub fn rss_from_status(status: &str) -> Option<u64> {
+    status_kib(status, "VmRSS:")
+}
+
+/// The resident set of a process now, in KiB; None once it is gone.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| rss_from_status(&s))
+}
+
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -536,7 +552,9 @@ mod tests {
     fn proc_status() {
         let status = "Name:\ttracer\nVmPeak:\t  100 kB\nVmHWM:\t   51234 kB\nVmRSS:\t 40000 kB\n";
         assert_eq!(hwm_from_status(status), Some(51234));
+        assert_eq!(rss_from_status(status), Some(40000));
         assert_eq!(hwm_from_status("Name:\tx\n"), None);
+        assert_eq!(rss_from_status("Name:\tx\n"), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod bench;
 mod lint;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -31,6 +32,10 @@ enum Cmd {
     /// Setup, build release, and measure the tracer's cost on a loopback
     /// connection churn next to peer tools (needs root).
     Bench(bench::Args),
+    /// Setup, build release, and run the tracer for minutes under churn,
+    /// thousands of leaking processes and many idle sockets; judge leaks
+    /// found, stacks, drops and memory (needs root).
+    Soak(soak::Args),
 }
 
 fn main() {
@@ -41,6 +46,7 @@ fn main() {
         Cmd::Run(args) => run::run(args),
         Cmd::Lint => lint::run().map(|()| 0),
         Cmd::Bench(args) => bench::run(args).map(|()| 0),
+        Cmd::Soak(args) => soak::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
