@@ -16,6 +16,12 @@ impl<W: Write> JsonSink<W> {
         JsonSink { out }
     }
 
+    /// What was written (tests read it back).
+    #[cfg(test)]
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
     fn line<T: Serialize>(&mut self, kind: &str, body: &T) -> io::Result<()> {
         let mut v = serde_json::to_value(body).map_err(io::Error::other)?;
         if let Some(obj) = v.as_object_mut() {

@@ -1,6 +1,8 @@
 //! Output, kept apart from collection: the live loop hands finished facts
 //! to a [`Sink`], which only formats them.
 
+#[cfg(test)]
+mod golden_tests;
 mod json;
 mod text;
 
