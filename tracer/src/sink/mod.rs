@@ -58,7 +58,8 @@ pub struct Status {
     pub leaks_now: usize,
     pub ringbuf_drops: u64,
     /// Distinct stacks the live agent remembers, and its bound (beyond it,
-    /// stacks are named again). Absent in `report`.
+    /// stacks are named again). Set by the live agent, the only writer of
+    /// status lines.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stacks_held: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,7 +79,10 @@ pub struct Summary {
     /// For `tracer report`: the files read and any damage found in them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recording: Option<RecordingInfo>,
-    /// Why tracing stopped: "duration", "signal", "process_exit", "output_closed".
+    /// Why tracing stopped: "duration", "signal", "process_exit",
+    /// "max_size" (a recording's), or for `report` the recorder's reason,
+    /// "recording_ends_early" when the file has no end record. (A closed
+    /// stdout ends tracing without a summary: nowhere to write it.)
     pub reason: &'static str,
     pub leaks: Vec<LeakOut>,
     pub groups: Vec<Group>,

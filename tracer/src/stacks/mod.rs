@@ -244,9 +244,7 @@ impl StackSymbolizer {
     }
 
     fn kernel_stack(&mut self, ips: &[u64], out: &mut Vec<StackInput>) -> i32 {
-        let mut h = self.hasher.build_hasher();
-        ips.hash(&mut h);
-        let (id, new) = self.ids.get((0, h.finish()));
+        let (id, new) = self.ids.get((0, self.hasher.hash_one(ips)));
         if new {
             out.push(StackInput {
                 key: StackKey { pid: 0, id },
