@@ -3,13 +3,17 @@
 //! processes hold the socket now (/proc/PID/fd), after fork or dup.
 //!
 //! One sock_diag dump and one /proc scan per batch of new leaks, never per
-//! event.
+//! event; each holder's name is read once per batch. Runs on a worker
+//! thread: nothing here is tied to the caller's. A leak found without
+//! holders while the kernel refused some processes' fds (a tracer without
+//! CAP_SYS_PTRACE) is warned about, once per run, naming the capability.
 
 use std::collections::{HashMap, HashSet};
 
 use netlink_packet_sock_diag::inet::StateFlags;
 use serde::{Deserialize, Serialize};
 
+use crate::privileges::{self, Denied};
 use crate::{procs, snapshot};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,20 +49,28 @@ pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
     if wanted.is_empty() {
         return out;
     }
-    let holders = procs::socket_holders(None);
+    let scan = procs::scan_holders(None);
+    // A process holding many leaked sockets is named once.
+    let mut comms: HashMap<u32, String> = HashMap::new();
+    let mut unheld = 0;
     for s in wanted {
-        let hs = holders
+        let hs: Vec<HolderOut> = scan
+            .by_inode
             .get(&s.inode)
             .map(|v| {
                 v.iter()
                     .map(|h| HolderOut {
                         pid: h.pid,
-                        comm: procs::info(h.pid).map(|i| i.comm).unwrap_or_default(),
+                        comm: comms
+                            .entry(h.pid)
+                            .or_insert_with(|| procs::comm(h.pid).unwrap_or_default())
+                            .clone(),
                         fd: h.fd,
                     })
                     .collect()
             })
             .unwrap_or_default();
+        unheld += usize::from(hs.is_empty());
         out.insert(
             s.cookie,
             Evidence {
@@ -69,5 +81,81 @@ pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
             },
         );
     }
+    if unheld > 0 {
+        // Leaks without holders, while some processes' fds were refused:
+        // those are likely who holds them.
+        privileges::denied(Denied::Fds, scan.refused);
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::fd::AsRawFd as _;
+
+    use super::*;
+
+    fn cookie(s: &TcpStream) -> u64 {
+        let mut c: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `c`.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&mut c as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+        c
+    }
+
+    /// A socket of this process in CLOSE_WAIT, held twice (dup), with 5
+    /// bytes unread: gathered on a worker thread, as live.rs does, with
+    /// no privilege (sock_diag and one's own /proc/PID/fd need none).
+    #[test]
+    fn gathers_unread_bytes_and_holders_on_a_worker_thread() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut server, _) = listener.accept().expect("accept");
+        server.write_all(b"hello").expect("write");
+        server.shutdown(Shutdown::Write).expect("FIN");
+        let dup = client.try_clone().expect("dup");
+        let c = cookie(&client);
+        let me = std::process::id();
+        let mut found = None;
+        for _ in 0..100 {
+            let cookies = HashSet::from([c]);
+            let mut ev = std::thread::spawn(move || gather(&cookies))
+                .join()
+                .expect("gather panicked");
+            if let Some(e) = ev.remove(&c) {
+                found = Some(e);
+                break;
+            }
+            // The FIN may not have been processed yet.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let e = found.expect("the socket reaches CLOSE_WAIT and is found");
+        assert!(e.found);
+        assert_eq!(e.unread_now, Some(5));
+        let comm = procs::comm(me).expect("our own name");
+        let mut holders = e.holders.clone();
+        holders.sort_by_key(|h| h.fd);
+        let mut fds = [client.as_raw_fd(), dup.as_raw_fd()];
+        fds.sort();
+        let want: Vec<HolderOut> = fds
+            .iter()
+            .map(|&fd| HolderOut {
+                pid: me,
+                comm: comm.clone(),
+                fd,
+            })
+            .collect();
+        assert_eq!(holders, want);
+    }
 }

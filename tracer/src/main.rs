@@ -12,6 +12,7 @@ mod input;
 mod jvm;
 mod kernel;
 mod live;
+mod privileges;
 mod procs;
 mod record;
 mod replay;

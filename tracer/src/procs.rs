@@ -1,11 +1,18 @@
 //! Facts about processes from /proc: who holds which socket (by inode), and
 //! what a pid is called. Read while the processes are alive.
+//!
+//! The kernel refuses other users' `/proc/PID/fd` to a tracer without
+//! CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: such processes are counted
+//! ([`scan_holders`]), never silently taken for processes that hold
+//! nothing; a refused `/proc/PID/stat` is warned about once
+//! ([`privileges::denied`]).
 
 use std::collections::HashMap;
 
 use procfs::process::{FDTarget, Process};
 
 use crate::correlate::Comm;
+use crate::privileges::{self, Denied};
 
 /// A process holding a socket through one of its fds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,19 +21,55 @@ pub struct Holder {
     pub fd: i32,
 }
 
+/// `PF_KTHREAD` in `/proc/PID/stat`'s flags.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
 /// Socket inode -> holders, for one process or (None) every process.
 /// Processes that vanish mid-scan are skipped: they hold nothing any more.
 pub fn socket_holders(only_pid: Option<u32>) -> HashMap<u64, Vec<Holder>> {
-    let mut map: HashMap<u64, Vec<Holder>> = HashMap::new();
+    scan_holders(only_pid).by_inode
+}
+
+/// What a scan of `/proc/PID/fd` found.
+#[derive(Debug, Default)]
+pub struct HolderScan {
+    /// Socket inode -> holders.
+    pub by_inode: HashMap<u64, Vec<Holder>>,
+    /// Processes whose fds the kernel refused (EACCES/EPERM: another
+    /// user's, without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH), as opposed
+    /// to processes that exited. Kernel threads, which have no fds, are
+    /// not counted.
+    pub refused: usize,
+}
+
+/// [`socket_holders`], also counting the processes the kernel refused:
+/// whoever finds a socket without holders can tell a privilege problem
+/// from a socket nobody holds (and warn, [`privileges::denied`]).
+pub fn scan_holders(only_pid: Option<u32>) -> HolderScan {
+    let mut out = HolderScan::default();
     let mut scan = |p: &Process| {
-        let Ok(fds) = p.fd() else { return };
-        for fd in fds.flatten() {
-            if let FDTarget::Socket(inode) = fd.target {
-                map.entry(inode).or_default().push(Holder {
-                    pid: p.pid() as u32,
-                    fd: fd.fd,
-                });
+        let refused = match p.fd() {
+            Ok(fds) => {
+                let mut any = false;
+                for fd in fds.flatten() {
+                    any = true;
+                    if let FDTarget::Socket(inode) = fd.target {
+                        out.by_inode.entry(inode).or_default().push(Holder {
+                            pid: p.pid() as u32,
+                            fd: fd.fd,
+                        });
+                    }
+                }
+                // procfs skips the fds it cannot read: when it yields none,
+                // the kernel may have refused them all (it refuses all of a
+                // process's or none).
+                !any && fd_links_refused(p.pid())
             }
+            Err(e) => privileges::is_denied(&e),
+        };
+        // A kernel thread's fd directory is root's but it has no fds.
+        if refused && !is_kernel_thread(p) {
+            out.refused += 1;
         }
     };
     match only_pid {
@@ -43,7 +86,23 @@ pub fn socket_holders(only_pid: Option<u32>) -> HashMap<u64, Vec<Holder>> {
             }
         }
     }
-    map
+    out
+}
+
+/// Whether the kernel refuses to read the first of `pid`'s fds (the
+/// directory lists them without ptrace access, the links need it). Not for
+/// an fd closed meanwhile, nor a process without fds.
+fn fd_links_refused(pid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.flatten().next().is_some_and(|fd| {
+        std::fs::read_link(fd.path()).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+    })
+}
+
+fn is_kernel_thread(p: &Process) -> bool {
+    p.stat().is_ok_and(|s| s.flags & PF_KTHREAD != 0)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -53,14 +112,43 @@ pub struct ProcInfo {
 }
 
 pub fn info(pid: u32) -> Option<ProcInfo> {
-    let p = Process::new(pid as i32).ok()?;
-    let comm = p.stat().map(|s| s.comm).unwrap_or_default();
+    let p = open(pid)?;
+    let comm = comm_of_process(&p).unwrap_or_default();
     let cmdline = p.cmdline().map(|v| v.join(" ")).unwrap_or_default();
     Some(ProcInfo { comm, cmdline })
 }
 
+/// The process's name (`comm`), None when it is gone or refused.
+pub fn comm(pid: u32) -> Option<String> {
+    comm_of_process(&open(pid)?)
+}
+
 pub fn comm_of(pid: u32) -> Comm {
-    Comm::from_str(&info(pid).map(|i| i.comm).unwrap_or_default())
+    Comm::from_str(&comm(pid).unwrap_or_default())
+}
+
+fn open(pid: u32) -> Option<Process> {
+    match Process::new(pid as i32) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            if privileges::is_denied(&e) {
+                privileges::denied(Denied::Names, 1);
+            }
+            None
+        }
+    }
+}
+
+fn comm_of_process(p: &Process) -> Option<String> {
+    match p.stat() {
+        Ok(s) => Some(s.comm),
+        Err(e) => {
+            if privileges::is_denied(&e) {
+                privileges::denied(Denied::Names, 1);
+            }
+            None
+        }
+    }
 }
 
 pub fn exists(pid: u32) -> bool {
@@ -93,6 +181,14 @@ impl ProcNames {
 
     /// The process's name, the first time it is asked for.
     pub fn learn(&mut self, pid: u32) -> Option<crate::input::ProcessInput> {
+        self.learn_info(pid)
+            .map(|info| crate::input::ProcessInput { pid, info })
+    }
+
+    /// The process's name and command line, the first time `pid` is asked
+    /// for; None when it was asked for already, or is gone.
+    #[allow(dead_code)] // Replaces `learn` once live.rs calls it.
+    pub fn learn_info(&mut self, pid: u32) -> Option<ProcInfo> {
         if pid == 0 || self.seen.contains(&pid) {
             return None;
         }
@@ -100,6 +196,34 @@ impl ProcNames {
             self.seen.clear();
         }
         self.seen.insert(pid);
-        info(pid).map(|info| crate::input::ProcessInput { pid, info })
+        info(pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learn_info_names_a_pid_once() {
+        let me = std::process::id();
+        let mut names = ProcNames::new(4);
+        let info = names.learn_info(me).expect("this process is alive");
+        assert!(!info.comm.is_empty() && !info.cmdline.is_empty(), "{info:?}");
+        assert_eq!(names.learn_info(me), None, "asked for already");
+        assert_eq!(names.learn_info(0), None);
+    }
+
+    #[test]
+    fn holders_include_our_own_socket() {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let fd = listener.as_raw_fd();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).expect("fd").ino();
+        let me = std::process::id();
+        let holders = socket_holders(Some(me));
+        assert_eq!(holders.get(&inode), Some(&vec![Holder { pid: me, fd }]));
+        assert_eq!(comm(me), info(me).map(|i| i.comm));
     }
 }

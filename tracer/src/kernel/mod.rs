@@ -280,7 +280,7 @@ fn privilege_hint(e: anyhow::Error, doing: &str) -> anyhow::Error {
     let text = format!("{e:#}");
     if text.contains("Operation not permitted") || text.contains("Permission denied") {
         anyhow!(
-            "{doing} was refused by the kernel: run tracer as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
+            "{doing} was refused by the kernel: tracer needs CAP_BPF and CAP_PERFMON (a container or security module can withhold them, even from root): run it as root, or grant CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH,CAP_CHECKPOINT_RESTORE (see README, Requirements)"
         )
     } else {
         e.context(format!("{doing} failed"))

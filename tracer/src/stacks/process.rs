@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use procfs::process::{MMPermissions, MMapPath, Process};
 
 use crate::jvm::Jvm;
+use crate::privileges::{self, Denied};
 
 /// How long a cached process is trusted before its start time is checked
 /// again (a pid can be reused).
@@ -45,14 +46,16 @@ impl ProcessContext {
         let p = Process::new(pid as i32).ok()?;
         let start_time = p.stat().ok()?.starttime;
         let mut ctx = ProcessContext {
-            mem: std::fs::File::open(format!("/proc/{pid}/mem")).ok(),
+            mem: open_mem(pid),
             start_time,
             checked: Instant::now(),
             maps_read: Instant::now(),
             exec: Vec::new(),
             jvm: None,
         };
-        ctx.refresh_maps(&p);
+        if let Some(file_backed) = ctx.refresh_maps(&p) {
+            check_map_files(pid, file_backed);
+        }
         ctx.jvm = match Jvm::attach(pid) {
             Ok(None) => None,
             Ok(Some(j)) => Some(Ok(j)),
@@ -64,18 +67,36 @@ impl ProcessContext {
         Some(ctx)
     }
 
-    fn refresh_maps(&mut self, p: &Process) {
+    /// Returns the first executable mapping of a file, if any (for
+    /// [`check_map_files`]).
+    fn refresh_maps(&mut self, p: &Process) -> Option<(u64, u64)> {
         self.maps_read = Instant::now();
-        let Ok(maps) = p.maps() else { return };
-        self.exec = maps
+        let maps = match p.maps() {
+            Ok(m) => m,
+            Err(e) => {
+                if privileges::is_denied(&e) {
+                    privileges::denied(Denied::Maps, 1);
+                }
+                return None;
+            }
+        };
+        let exec: Vec<_> = maps
             .into_iter()
             .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
+            .collect();
+        let file_backed = exec
+            .iter()
+            .find(|m| matches!(m.pathname, MMapPath::Path(_)))
+            .map(|m| m.address);
+        self.exec = exec
+            .into_iter()
             .map(|m| ExecMap {
                 start: m.address.0,
                 end: m.address.1,
                 anonymous: matches!(m.pathname, MMapPath::Anonymous | MMapPath::Other(_)),
             })
             .collect();
+        file_backed
     }
 
     pub fn exec_map(&self, addr: u64) -> Option<&ExecMap> {
@@ -106,6 +127,34 @@ impl ProcessContext {
 
     pub fn jvm(&mut self) -> Option<&mut Jvm> {
         self.jvm.as_mut().and_then(|j| j.as_mut().ok())
+    }
+}
+
+/// `/proc/PID/mem`; a refusal is warned about once (Java frames and the
+/// caller of libc's syscall wrappers are missing without it).
+fn open_mem(pid: u32) -> Option<std::fs::File> {
+    match std::fs::File::open(format!("/proc/{pid}/mem")) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                privileges::denied(Denied::Mem, 1);
+            }
+            None
+        }
+    }
+}
+
+/// blazesym opens a process's binaries through `/proc/PID/map_files`,
+/// which the kernel refuses without CAP_CHECKPOINT_RESTORE (even for one's
+/// own processes): then no native frame is named. Checked on one file
+/// mapping per new process, until the first refusal has been warned about.
+fn check_map_files(pid: u32, (start, end): (u64, u64)) {
+    if privileges::warned(Denied::MapFiles) {
+        return;
+    }
+    let entry = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+    if std::fs::metadata(entry).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied) {
+        privileges::denied(Denied::MapFiles, 1);
     }
 }
 

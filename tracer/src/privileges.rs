@@ -1,0 +1,456 @@
+//! What tracer needs from the kernel, and what each missing capability
+//! costs. Measured on 6.18 as uid 65534 with ambient capabilities, tracing
+//! a leak in a process of another user (README, Requirements):
+//!
+//! * CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN, which the kernel accepts
+//!   for both) are required: without CAP_BPF the programs cannot be
+//!   attached, without CAP_PERFMON not even loaded. With them alone, leaks
+//!   are found (state hook, sock_diag, comm and cmdline, which need
+//!   nothing), with their unread bytes.
+//! * CAP_DAC_READ_SEARCH (or CAP_DAC_OVERRIDE): tracefs, mode 0700, for the
+//!   syscall tracepoints' ids (the accept and close hooks); and, with
+//!   CAP_SYS_PTRACE, other users' `/proc/PID/fd` (mode 0500) and
+//!   `/proc/PID/mem` (0600).
+//! * CAP_SYS_PTRACE: other users' `/proc/PID/fd` links (holders, owners'
+//!   fds), `/proc/PID/mem` (Java frames, the caller of libc's syscall
+//!   wrappers) and `/proc/PID/root` (a JVM's libjvm.so).
+//! * CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN): `/proc/PID/map_files`,
+//!   through which blazesym opens the binaries: without it no native frame
+//!   is named, in any process, not even the tracer's own user's.
+//! * CAP_SYSLOG, only for `--kernel-stacks`, and only when the kernel hides
+//!   kallsyms' addresses (`kptr_restrict`, `perf_event_paranoid` > 1).
+//!
+//! [`check`] refuses to start without the required ones; [`denied`] warns,
+//! once per kind and in one line, when evidence is actually missing for
+//! lack of an optional one.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use anyhow::bail;
+
+/// A capability, by its bit in `CapEff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cap(u32, &'static str);
+
+const CAP_DAC_OVERRIDE: Cap = Cap(1, "CAP_DAC_OVERRIDE");
+const CAP_DAC_READ_SEARCH: Cap = Cap(2, "CAP_DAC_READ_SEARCH");
+const CAP_SYS_PTRACE: Cap = Cap(19, "CAP_SYS_PTRACE");
+const CAP_SYS_ADMIN: Cap = Cap(21, "CAP_SYS_ADMIN");
+const CAP_SYSLOG: Cap = Cap(34, "CAP_SYSLOG");
+const CAP_PERFMON: Cap = Cap(38, "CAP_PERFMON");
+const CAP_BPF: Cap = Cap(39, "CAP_BPF");
+const CAP_CHECKPOINT_RESTORE: Cap = Cap(40, "CAP_CHECKPOINT_RESTORE");
+
+/// The set that gives full findings, as `setpriv --ambient-caps` and the
+/// refusal name it.
+pub const FULL_SET: &str = "CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH,CAP_CHECKPOINT_RESTORE";
+
+/// Effective capabilities, as a bit mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Caps(u64);
+
+impl Caps {
+    fn has(self, c: Cap) -> bool {
+        c.0 < 64 && self.0 & (1 << c.0) != 0
+    }
+
+    /// Any of `alternatives` (a capability, or one the kernel accepts in
+    /// its place).
+    fn any(self, alternatives: &[Cap]) -> bool {
+        alternatives.iter().any(|&c| self.has(c))
+    }
+}
+
+/// An optional capability tracer runs without, and what that costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optional {
+    /// CAP_DAC_READ_SEARCH (or CAP_DAC_OVERRIDE).
+    DacReadSearch,
+    SysPtrace,
+    /// CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN).
+    CheckpointRestore,
+    /// CAP_SYSLOG, when the kernel hides kallsyms' addresses.
+    Syslog,
+}
+
+impl Optional {
+    pub fn name(self) -> &'static str {
+        match self {
+            Optional::DacReadSearch => CAP_DAC_READ_SEARCH.1,
+            Optional::SysPtrace => CAP_SYS_PTRACE.1,
+            Optional::CheckpointRestore => CAP_CHECKPOINT_RESTORE.1,
+            Optional::Syslog => CAP_SYSLOG.1,
+        }
+    }
+
+    /// What is missing without it.
+    pub fn costs(self) -> &'static str {
+        match self {
+            Optional::DacReadSearch => {
+                "the accept and close hooks when tracefs is root-only, and other users' holders, fds and Java frames"
+            }
+            Optional::SysPtrace => {
+                "other users' holders, fds and Java frames, and the caller of libc's syscall wrappers in their stacks"
+            }
+            Optional::CheckpointRestore => "the names of native frames (module+offset only)",
+            Optional::Syslog => "the names of kernel frames (--kernel-stacks)",
+        }
+    }
+}
+
+/// The optional capabilities tracer runs without.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Missing(Vec<Optional>);
+
+#[allow(dead_code)] // For live.rs, once it calls `check`.
+impl Missing {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, o: Optional) -> bool {
+        self.0.contains(&o)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Optional> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+/// One line: each missing capability and what it costs.
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("no capability missing");
+        }
+        for (i, o) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "without {}: no {}", o.name(), o.costs())?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses, in one line naming the exact set, when tracer lacks what it
+/// needs to load its eBPF programs; otherwise returns the optional
+/// capabilities it runs without (evidence then goes missing, and
+/// [`denied`] says so when it does).
+#[allow(dead_code)] // Called from live.rs once it switches from kernel::check_privileges.
+pub fn check() -> anyhow::Result<Missing> {
+    let Some(caps) = effective() else {
+        // Without /proc/self/status the kernel is the judge: a refused
+        // load says what to do (kernel::privilege_hint).
+        log::debug!("cannot read CapEff from /proc/self/status; not checking capabilities");
+        return Ok(Missing::default());
+    };
+    match assess(caps, kallsyms_hidden()) {
+        Ok(m) => Ok(m),
+        Err(msg) => bail!("{msg}"),
+    }
+}
+
+fn assess(caps: Caps, kallsyms_hidden: bool) -> Result<Missing, String> {
+    // bpf_capable() and perfmon_capable() also accept CAP_SYS_ADMIN.
+    let lacking: Vec<&str> = [CAP_BPF, CAP_PERFMON]
+        .into_iter()
+        .filter(|&c| !caps.any(&[c, CAP_SYS_ADMIN]))
+        .map(|c| c.1)
+        .collect();
+    if !lacking.is_empty() {
+        return Err(format!(
+            "tracer needs CAP_BPF and CAP_PERFMON to load its eBPF programs and lacks {}: run it as root, \
+             or grant {FULL_SET} (see README, Requirements)",
+            lacking.join(" and ")
+        ));
+    }
+    let mut missing = Vec::new();
+    if !caps.any(&[CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE]) {
+        missing.push(Optional::DacReadSearch);
+    }
+    if !caps.has(CAP_SYS_PTRACE) {
+        missing.push(Optional::SysPtrace);
+    }
+    if !caps.any(&[CAP_CHECKPOINT_RESTORE, CAP_SYS_ADMIN]) {
+        missing.push(Optional::CheckpointRestore);
+    }
+    if kallsyms_hidden && !caps.has(CAP_SYSLOG) {
+        missing.push(Optional::Syslog);
+    }
+    Ok(Missing(missing))
+}
+
+/// `CapEff` of this process, read once.
+fn effective() -> Option<Caps> {
+    static CAPS: OnceLock<Option<Caps>> = OnceLock::new();
+    *CAPS.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        parse_cap_eff(&status)
+    })
+}
+
+fn parse_cap_eff(status: &str) -> Option<Caps> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .map(Caps)
+}
+
+/// Whether /proc/kallsyms shows this process zeros instead of addresses.
+fn kallsyms_hidden() -> bool {
+    use std::io::BufRead as _;
+    let Ok(f) = std::fs::File::open("/proc/kallsyms") else {
+        return true;
+    };
+    let mut first = String::new();
+    if std::io::BufReader::new(f).read_line(&mut first).is_err() {
+        return true;
+    }
+    first
+        .split_whitespace()
+        .next()
+        .is_none_or(|a| a.bytes().all(|b| b == b'0'))
+}
+
+/// Evidence read from /proc that the kernel can refuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// `/proc/PID/fd`: holders, and owners' fds.
+    Fds,
+    /// `/proc/PID/stat` (a /proc mounted with hidepid): process names.
+    Names,
+    /// `/proc/PID/mem`: Java frames, the caller of libc's syscall wrappers.
+    Mem,
+    /// `/proc/PID/maps`: which return addresses are code.
+    Maps,
+    /// `/proc/PID/map_files`: the binaries native frames are named from.
+    MapFiles,
+}
+
+const KINDS: usize = 5;
+
+impl Denied {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Denied::Fds => "/proc/PID/fd",
+            Denied::Names => "/proc/PID/stat",
+            Denied::Mem => "/proc/PID/mem",
+            Denied::Maps => "/proc/PID/maps",
+            Denied::MapFiles => "/proc/PID/map_files",
+        }
+    }
+
+    fn lost(self) -> &'static str {
+        match self {
+            Denied::Fds => "leaks of sockets they hold come without holders or the owner's fd",
+            Denied::Names => "their names (comm) are missing from leaks and holders",
+            Denied::Mem => "their stacks have no Java frames and lack the caller of libc's syscall wrappers",
+            Denied::Maps => "their stacks may stop early (return addresses cannot be checked)",
+            Denied::MapFiles => "their native frames are not named (module+offset only)",
+        }
+    }
+
+    /// Every capability the kernel wants for this access, each as a list
+    /// of alternatives (the first is the one to grant).
+    fn needs(self) -> &'static [&'static [Cap]] {
+        const DAC: &[Cap] = &[CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE];
+        const PTRACE: &[Cap] = &[CAP_SYS_PTRACE];
+        const CHECKPOINT: &[Cap] = &[CAP_CHECKPOINT_RESTORE, CAP_SYS_ADMIN];
+        match self {
+            Denied::Fds | Denied::Mem => &[PTRACE, DAC],
+            Denied::Names | Denied::Maps => &[PTRACE],
+            Denied::MapFiles => &[CHECKPOINT, PTRACE, DAC],
+        }
+    }
+}
+
+static DENIED: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+static WARNED: [AtomicBool; KINDS] = [const { AtomicBool::new(false) }; KINDS];
+
+/// Counts `processes` whose `kind` of /proc entry the kernel refused
+/// (EACCES/EPERM, not a process that exited), and warns the first time, in
+/// one line naming the capability to grant and what is missing. Callable
+/// from any thread.
+pub fn denied(kind: Denied, processes: usize) {
+    if processes == 0 {
+        return;
+    }
+    DENIED[kind.index()].fetch_add(processes as u64, Ordering::Relaxed);
+    if !WARNED[kind.index()].swap(true, Ordering::Relaxed) {
+        log::warn!("{}", denied_line(kind, processes, effective()));
+    }
+}
+
+/// Whether [`denied`] has warned about `kind` (so a check that costs
+/// something can stop once it has).
+pub fn warned(kind: Denied) -> bool {
+    WARNED[kind.index()].load(Ordering::Relaxed)
+}
+
+/// Processes refused so far, of `kind`.
+#[allow(dead_code)] // For the summary's counters.
+pub fn denied_count(kind: Denied) -> u64 {
+    DENIED[kind.index()].load(Ordering::Relaxed)
+}
+
+fn denied_line(kind: Denied, processes: usize, caps: Option<Caps>) -> String {
+    let what = if processes == 1 {
+        "1 process".to_string()
+    } else {
+        format!("{processes} processes")
+    };
+    let grant: Vec<&str> = kind
+        .needs()
+        .iter()
+        .filter(|alts| !caps.is_some_and(|c| c.any(alts)))
+        .map(|alts| alts[0].1)
+        .collect();
+    let fix = match (caps, grant.is_empty()) {
+        (None, _) => {
+            let all: Vec<&str> = kind.needs().iter().map(|alts| alts[0].1).collect();
+            format!("run tracer as root, or grant {}", all.join(" and "))
+        }
+        (Some(_), false) => format!("grant {}", grant.join(" and ")),
+        // Every capability is there: hidepid, a security module or another
+        // user namespace refuses.
+        (Some(_), true) => "tracer has the capabilities for it, so /proc's hidepid, a security module or a \
+                            user namespace refuses"
+            .to_string(),
+    };
+    format!(
+        "cannot read {} of {what} (permission denied): {}; {fix} (see README, Requirements); \
+         further refusals are not reported",
+        kind.path(),
+        kind.lost()
+    )
+}
+
+/// Whether a procfs error is the kernel refusing access (as opposed to a
+/// process or fd that is gone).
+pub fn is_denied(e: &procfs::ProcError) -> bool {
+    matches!(e, procfs::ProcError::PermissionDenied(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(list: &[Cap]) -> Caps {
+        Caps(list.iter().fold(0, |m, c| m | 1 << c.0))
+    }
+
+    #[test]
+    fn parses_cap_eff() {
+        let status = "Name:\ttracer\nCapInh:\t0000000000000000\nCapEff:\t000001fffeffffff\nCapBnd:\t0\n";
+        let c = parse_cap_eff(status).expect("CapEff");
+        assert!(c.has(CAP_BPF) && c.has(CAP_PERFMON) && c.has(CAP_CHECKPOINT_RESTORE));
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+        assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn refuses_without_bpf_or_perfmon_naming_the_set() {
+        let e = assess(caps(&[CAP_PERFMON, CAP_SYS_PTRACE]), false).unwrap_err();
+        assert_eq!(
+            e,
+            "tracer needs CAP_BPF and CAP_PERFMON to load its eBPF programs and lacks CAP_BPF: run it as root, \
+             or grant CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH,CAP_CHECKPOINT_RESTORE \
+             (see README, Requirements)"
+        );
+        let e = assess(caps(&[]), false).unwrap_err();
+        assert!(e.contains("lacks CAP_BPF and CAP_PERFMON:"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = assess(caps(&[CAP_BPF]), false).unwrap_err();
+        assert!(e.contains("lacks CAP_PERFMON:"), "{e}");
+    }
+
+    #[test]
+    fn sys_admin_stands_for_bpf_perfmon_and_checkpoint_restore() {
+        let m = assess(caps(&[CAP_SYS_ADMIN]), false).expect("accepted");
+        assert_eq!(m.0, vec![Optional::DacReadSearch, Optional::SysPtrace]);
+    }
+
+    #[test]
+    fn the_full_set_misses_nothing() {
+        let full = caps(&[
+            CAP_BPF,
+            CAP_PERFMON,
+            CAP_SYS_PTRACE,
+            CAP_DAC_READ_SEARCH,
+            CAP_CHECKPOINT_RESTORE,
+        ]);
+        assert_eq!(assess(full, false), Ok(Missing::default()));
+        // CAP_SYSLOG only matters where kallsyms hides addresses.
+        assert_eq!(assess(full, true), Ok(Missing(vec![Optional::Syslog])));
+        let names: Vec<&str> = FULL_SET.split(',').collect();
+        for c in [
+            CAP_BPF,
+            CAP_PERFMON,
+            CAP_SYS_PTRACE,
+            CAP_DAC_READ_SEARCH,
+            CAP_CHECKPOINT_RESTORE,
+        ] {
+            assert!(names.contains(&c.1), "{} not in FULL_SET", c.1);
+        }
+    }
+
+    #[test]
+    fn optional_ones_are_listed_with_their_cost() {
+        let m = assess(caps(&[CAP_BPF, CAP_PERFMON, CAP_DAC_OVERRIDE]), true).expect("accepted");
+        assert_eq!(
+            m.0,
+            vec![Optional::SysPtrace, Optional::CheckpointRestore, Optional::Syslog]
+        );
+        let line = m.to_string();
+        assert!(
+            line.starts_with("without CAP_SYS_PTRACE: no other users' holders"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn denied_line_names_only_what_is_missing() {
+        let line = denied_line(Denied::Fds, 3, Some(caps(&[CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH])));
+        assert_eq!(
+            line,
+            "cannot read /proc/PID/fd of 3 processes (permission denied): leaks of sockets they hold come \
+             without holders or the owner's fd; grant CAP_SYS_PTRACE (see README, Requirements); further \
+             refusals are not reported"
+        );
+        let line = denied_line(Denied::Mem, 1, Some(caps(&[CAP_BPF, CAP_PERFMON])));
+        assert!(
+            line.contains("/proc/PID/mem of 1 process ")
+                && line.contains("grant CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"),
+            "{line}"
+        );
+        let line = denied_line(Denied::MapFiles, 1, Some(caps(&[CAP_SYS_PTRACE, CAP_DAC_OVERRIDE])));
+        assert!(line.contains("grant CAP_CHECKPOINT_RESTORE ("), "{line}");
+        let line = denied_line(Denied::Fds, 2, Some(caps(&[CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH])));
+        assert!(
+            line.contains("hidepid, a security module or a user namespace"),
+            "{line}"
+        );
+        let line = denied_line(Denied::Names, 2, None);
+        assert!(line.contains("run tracer as root, or grant CAP_SYS_PTRACE"), "{line}");
+    }
+
+    #[test]
+    fn denied_warns_once_and_counts_every_refusal() {
+        assert!(!warned(Denied::Maps));
+        denied(Denied::Maps, 0);
+        assert!(!warned(Denied::Maps), "nothing refused, nothing to warn about");
+        denied(Denied::Maps, 2);
+        assert!(warned(Denied::Maps));
+        denied(Denied::Maps, 1);
+        assert_eq!(denied_count(Denied::Maps), 3);
+    }
+}
