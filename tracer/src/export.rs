@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
-    io::{self, BufWriter, Write},
+    io::{self, BufWriter, Read, Write},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -17,11 +17,11 @@ use crate::{
     decode::Event,
     input::Input,
     replay::{self, Replay},
-    sink::NullSink,
+    sink::{LeakOut, NullSink},
 };
 
 pub fn export(args: &ExportArgs) -> Result<()> {
-    let replay = replay::load(&args.files)?;
+    let replay = Replay::open(&args.files)?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(BufWriter::new(
             File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -29,16 +29,16 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         None => Box::new(BufWriter::new(io::stdout())),
     };
     let result = match args.format {
-        ExportFormat::Jsonl => jsonl(&replay, &mut out),
-        ExportFormat::ChromeTrace => chrome_trace(&replay, &mut out),
-        ExportFormat::Folded => folded(&replay).and_then(|lines| {
+        ExportFormat::Jsonl => jsonl(replay, &mut out),
+        ExportFormat::ChromeTrace => chrome_trace(replay, &mut out),
+        ExportFormat::Folded => folded(replay).and_then(|lines| {
             for l in lines {
                 writeln!(out, "{l}")?;
             }
             Ok(())
         }),
         ExportFormat::Flamegraph => {
-            let lines = folded(&replay)?;
+            let lines = folded(replay)?;
             if lines.is_empty() {
                 bail!("no leaked socket in the recording: no stacks to draw");
             }
@@ -50,22 +50,18 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         }
     };
     match result.and_then(|()| out.flush().map_err(Into::into)) {
-        Err(e)
-            if e.downcast_ref::<io::Error>()
-                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
-        {
-            Ok(())
-        }
+        Err(e) if replay::is_broken_pipe(&e) => Ok(()),
         other => other,
     }
 }
 
 /// Every input, one JSON object per line, each with a "type".
-fn jsonl(replay: &Replay, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn jsonl<R: Read>(replay: Replay<R>, out: &mut dyn Write) -> Result<()> {
     let wall = WallClock::from_offset(replay.header.boot_to_wall_offset_ns);
     writeln!(out, "{}", json!({"type": "header", "header": replay.header}))?;
-    for input in &replay.inputs {
-        let v = match input {
+    let mut inputs = replay.inputs(true);
+    while let Some(input) = inputs.next()? {
+        let v = match &input {
             Input::Kernel(ev) => kernel_json(ev, wall),
             Input::Process(p) => json!({"type": "process", "process": p}),
             Input::Stack(s) => json!({"type": "stack", "stack": s}),
@@ -132,12 +128,13 @@ struct Life {
 /// Chrome trace event format: per socket one span (`cat` "socket") on its
 /// owner's track, and inside it one span per TCP state (`cat` "state"),
 /// coloured by state. Opens in Perfetto's UI and chrome://tracing.
-fn chrome_trace(replay: &Replay, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn chrome_trace<R: Read>(replay: Replay<R>, out: &mut dyn Write) -> Result<()> {
     let mut lives: BTreeMap<u64, Life> = BTreeMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut end_ns = 0u64;
-    for input in &replay.inputs {
-        match input {
+    let mut inputs = replay.inputs(true);
+    while let Some(input) = inputs.next()? {
+        match &input {
             Input::Snapshot(s) => {
                 end_ns = end_ns.max(s.ns);
                 for sock in &s.sockets {
@@ -254,39 +251,116 @@ fn colour(state: u8) -> &'static str {
 
 /// Folded stacks of the sockets still leaked at the end of the recording:
 /// `comm;outermost;...;innermost count`, user frames only.
-fn folded(replay: &Replay) -> Result<Vec<String>> {
-    let leak_after_ns = replay.header.options.leak_after_ms * 1_000_000;
-    let summary = replay::analyse(replay, None, leak_after_ns, false, &mut NullSink)?;
+pub(crate) fn folded<R: Read>(replay: Replay<R>) -> Result<Vec<String>> {
+    let leak_after_ns = replay::leak_after_ns(&replay.header);
+    let summary = replay::analyse(replay, None, leak_after_ns, false, true, &mut NullSink)?;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for l in &summary.leaks {
-        let mut parts = vec![if l.comm.is_empty() {
-            "unknown".to_string()
-        } else {
-            l.comm.clone()
-        }];
-        let user: Vec<_> = l.open_stack.iter().filter(|f| !f.kernel).collect();
-        if user.is_empty() {
-            parts.push(format!(
-                "[no stack: {}]",
-                l.open_stack_error.as_deref().unwrap_or("unknown")
-            ));
-        }
-        for f in user.iter().rev() {
-            let name = match (&f.symbol, &f.module, &f.offset) {
-                // Java frames with their line: one method connects from
-                // several places.
-                (Some(s), _, _) if f.is_java() => match f.line {
-                    Some(line) => format!("{s}:{line}"),
-                    None => s.clone(),
-                },
-                (Some(s), _, _) => s.clone(),
-                (None, Some(m), Some(o)) => format!("{m}+{o}"),
-                _ => f.ip.clone(),
-            };
-            // ';' separates frames and ' ' the count in this format.
-            parts.push(name.replace(';', ":").replace(' ', "_"));
-        }
-        *counts.entry(parts.join(";")).or_default() += 1;
+        *counts.entry(folded_stack(l)).or_default() += 1;
     }
     Ok(counts.into_iter().map(|(k, n)| format!("{k} {n}")).collect())
+}
+
+/// A leak's opening stack as a folded line's frames, outermost first,
+/// after the process name.
+fn folded_stack(l: &LeakOut) -> String {
+    let mut parts = vec![if l.comm.is_empty() {
+        "unknown".to_string()
+    } else {
+        l.comm.clone()
+    }];
+    let user: Vec<_> = l.open_stack.iter().filter(|f| !f.kernel).collect();
+    if user.is_empty() {
+        parts.push(format!(
+            "[no stack: {}]",
+            l.open_stack_error.as_deref().unwrap_or("unknown")
+        ));
+    }
+    for f in user.iter().rev() {
+        parts.push(match (&f.symbol, &f.module, &f.offset) {
+            // Java frames with their line: one method connects from
+            // several places.
+            (Some(s), _, _) if f.is_java() => match f.line {
+                Some(line) => format!("{s}:{line}"),
+                None => s.clone(),
+            },
+            (Some(s), _, _) => s.clone(),
+            (None, Some(m), Some(o)) => format!("{m}+{o}"),
+            _ => f.ip.clone(),
+        });
+    }
+    let parts: Vec<String> = parts.iter().map(|p| folded_frame(p)).collect();
+    parts.join(";")
+}
+
+/// A frame (or the process name, which any process can set to anything)
+/// as the folded format allows it: ';' separates frames, a space comes
+/// before the count and a newline ends the line, so none of them, nor any
+/// other whitespace or control character, may appear inside a frame.
+fn folded_frame(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            ';' => ':',
+            c if c.is_whitespace() || c.is_control() => '_',
+            c => c,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::synth::{self, SEC};
+
+    #[test]
+    fn folded_frames_have_no_separator_space_or_newline() {
+        assert_eq!(folded_frame("a;b c\nd\r\te\u{1}f"), "a:b_c_d__e_f");
+        assert_eq!(folded_frame("ns::f(int, char*)"), "ns::f(int,_char*)");
+        assert_eq!(folded_frame("Main.run(Main.java):12"), "Main.run(Main.java):12");
+    }
+
+    /// A process may name itself anything (prctl PR_SET_NAME), and symbols
+    /// hold spaces: every line must still be `frame;frame;... count`.
+    #[test]
+    fn folded_lines_stay_parseable_whatever_the_names() {
+        let comm = "a;b c\nd";
+        let mut inputs = vec![synth::process(7, comm)];
+        let mut opened = synth::connect_then_fin(SEC, 2 * SEC, 7, 1);
+        for input in &mut opened {
+            if let Input::Kernel(ev) = input {
+                ev.header_mut().comm = crate::correlate::Comm::from_str(comm).0;
+                ev.header_mut().ustack = 0;
+            }
+        }
+        inputs.push(Input::Stack(
+            serde_json::from_value(json!({
+                "key": {"pid": 7, "id": 0},
+                "frames": {"Ok": [
+                    {"ip": "0x1", "symbol": "connect", "module": null, "offset": null, "file": null, "line": null, "kernel": false},
+                    {"ip": "0x2", "symbol": "ns::open(int, char*)", "module": null, "offset": null, "file": null, "line": null, "kernel": false},
+                    {"ip": "0x3", "symbol": "x;y\nz", "module": null, "offset": null, "file": null, "line": null, "kernel": false},
+                ]},
+            }))
+            .unwrap(),
+        ));
+        inputs.extend(opened);
+        inputs.extend(synth::connect_then_fin(SEC, 2 * SEC, 8, 2));
+        inputs.extend([Input::Tick(4 * SEC), synth::end(4 * SEC)]);
+        let file = synth::write(&synth::header(1000), &inputs, 4);
+        let lines = folded(synth::replay(&[&file]).unwrap()).unwrap();
+        assert_eq!(
+            lines,
+            vec![
+                "a:b_c_d;x:y_z;ns::open(int,_char*);connect 1".to_string(),
+                "client;[no_stack:_not_captured_for_this_event] 1".to_string(),
+            ]
+        );
+        for l in &lines {
+            let (stack, count) = l.rsplit_once(' ').unwrap();
+            assert!(
+                !stack.contains(char::is_whitespace) && count.parse::<u64>().is_ok(),
+                "{l:?}"
+            );
+        }
+    }
 }

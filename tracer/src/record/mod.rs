@@ -6,3 +6,10 @@ pub mod codec;
 pub mod format;
 pub mod reader;
 pub mod writer;
+
+#[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
+mod replay_tests;
+#[cfg(test)]
+pub(crate) mod synth;
