@@ -376,7 +376,10 @@ mod tests {
         for state in ["close-wait", "established", "listening"] {
             // ss_sockets panics on output it cannot parse.
             let socks = ss_sockets(state);
-            assert!(socks.iter().all(|s| s.cookie != 0), "every socket has a cookie: {socks:?}");
+            assert!(
+                socks.iter().all(|s| s.cookie != 0),
+                "every socket has a cookie: {socks:?}"
+            );
         }
     }
 }

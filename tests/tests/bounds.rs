@@ -107,5 +107,8 @@ fn full_reported_list_is_counted() {
         (LEAKS - 3) as u64,
         "leaks beyond the 3-entry list are counted\n{ctx}"
     );
-    assert!(loss_lines_with(&out, "reported_full") >= 1, "a loss line says so\n{ctx}");
+    assert!(
+        loss_lines_with(&out, "reported_full") >= 1,
+        "a loss line says so\n{ctx}"
+    );
 }

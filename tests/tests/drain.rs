@@ -15,6 +15,10 @@ use tracer_tests::{require_privileges, spawn_client, spawn_server, tracer_bin, w
 
 /// How long each evidence gathering is made to take.
 const DELAY: Duration = Duration::from_secs(5);
+/// The tracer's ring buffer.
+const RING_BYTES: u64 = 512 * 1024;
+/// The size of a state-change record, the bulk of the churn's.
+const STATE_EVENT_BYTES: u64 = 112;
 /// The server's reply: what the leaking client leaves unread.
 const REPLY: u32 = 26;
 
@@ -34,57 +38,112 @@ fn slow_evidence_does_not_stop_the_drain() {
     let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", &REPLY.to_string()]);
     let addr = format!("127.0.0.1:{port}");
 
+    // A small ring buffer (512 KiB): not drained for the gathering's 5 s,
+    // the churn below would overflow it.
     let mut cmd = Command::new(tracer_bin());
-    cmd.args(["live", "--json", "--leak-after", "1s", "--status-interval", "200ms"])
-        .env("TRACER_TEST_EVIDENCE_DELAY_MS", DELAY.as_millis().to_string());
+    cmd.args([
+        "live",
+        "--json",
+        "--leak-after",
+        "1s",
+        "--status-interval",
+        "200ms",
+        "--ring-bytes",
+        &RING_BYTES.to_string(),
+        "--duration",
+        "12s",
+    ])
+    .env("TRACER_TEST_EVIDENCE_DELAY_MS", DELAY.as_millis().to_string());
     let mut tracer = Child::spawn("tracer live --json (slow evidence)", cmd);
-    tracer.wait_line(|l| json(l).is_some_and(|v| of_type(&v, "start")), Duration::from_secs(60));
+    tracer.wait_line(
+        |l| json(l).is_some_and(|v| of_type(&v, "start")),
+        Duration::from_secs(60),
+    );
     let started = Instant::now();
 
-    let (leaker, socks) = spawn_client(&["--connect", &addr, "--count", "1", "--mode", "leak"]);
+    // Warm-up: the first stack of a binary parses its symbols and DWARF
+    // (long for a debug build), which is not what this test measures.
+    let (_warm, _) = spawn_client(&["--connect", &addr, "--count", "1", "--mode", "close"]);
+    tracer.wait_line(
+        |l| json(l).is_some_and(|v| of_type(&v, "status") && v["stacks_held"].as_u64().unwrap_or(0) >= 1),
+        Duration::from_secs(30),
+    );
+    let leaks_start_ms = started.elapsed().as_millis() as u64;
+
+    // Two leaks: one stays (its evidence is checked), one's owner exits
+    // while the gathering runs (it was a leak all the same, then a late
+    // close).
+    let (stays, socks) = spawn_client(&["--connect", &addr, "--count", "1", "--mode", "leak"]);
+    let (mut exits, _) = spawn_client(&["--connect", &addr, "--count", "1", "--mode", "leak"]);
     let truth: Vec<_> = wait_for_ss(
         "close-wait",
         Duration::from_secs(5),
-        "the leaking client's socket in CLOSE_WAIT",
-        |snap| snap.iter().any(|s| s.remote == addr && s.has_pid(leaker.pid())),
+        "the leaking clients' sockets in CLOSE_WAIT",
+        |snap| {
+            [stays.pid(), exits.pid()]
+                .iter()
+                .all(|&p| snap.iter().any(|s| s.remote == addr && s.has_pid(p)))
+        },
     )
     .into_iter()
-    .filter(|s| s.remote == addr && s.has_pid(leaker.pid()))
+    .filter(|s| s.remote == addr && s.has_pid(stays.pid()))
     .collect();
 
-    // The leak is due after 1 s; its gathering then takes DELAY. Meanwhile
-    // connections keep coming, and must be drained and counted.
-    let mut churn_until = started + Duration::from_secs(1) + DELAY - Duration::from_millis(500);
-    if churn_until < Instant::now() {
-        churn_until = Instant::now() + Duration::from_secs(2);
+    // The leaks are due after 1 s; their gathering then takes DELAY.
+    // Meanwhile connections keep coming, and must be drained.
+    let in_close_wait = Instant::now();
+    let gathering_ends = in_close_wait + Duration::from_secs(1) + DELAY;
+    let mut killed = false;
+    while Instant::now() + Duration::from_millis(500) < gathering_ends {
+        let (_good, _) = spawn_client(&["--connect", &addr, "--count", "40", "--mode", "close"]);
+        // Due after 1 s, so surely being gathered for after 2.5 s.
+        if !killed && in_close_wait.elapsed() > Duration::from_millis(2500) {
+            exits.kill();
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(150));
     }
-    while Instant::now() < churn_until {
-        let (_good, _) = spawn_client(&["--connect", &addr, "--count", "20", "--mode", "close"]);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(killed, "fixture sanity: the second owner exits during the gathering");
 
-    let leak_line = tracer.wait_line(
-        |l| {
-            json(l).is_some_and(|v| {
-                of_type(&v, "leak") && v["pid"].as_u64() == Some(u64::from(leaker.pid()))
-            })
-        },
-        Duration::from_secs(30),
-    );
-    let reported_after = started.elapsed();
-    let leak = Leak::from_json(&json(&leak_line).expect("matched above"));
-    tracer.kill();
-
+    let Some(status) = tracer.wait_finished(Duration::from_secs(60)) else {
+        panic!("tracer did not finish\n{}", tracer.describe());
+    };
     let lines: Vec<Value> = tracer.lines_seen().iter().filter_map(|l| json(l)).collect();
     let ctx = format!("{}\nss: {truth:?}", tracer.describe());
-    // The gathering was slow: the leak waited for it (else the debug hook
-    // is missing, e.g. a release build of the tracer was given).
+    assert!(status.success(), "{ctx}");
+    let of_pid = |ty: &str, pid: u32| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|v| of_type(v, ty) && v["pid"].as_u64() == Some(u64::from(pid)))
+            .collect()
+    };
+
+    // The gathering was slow: the leaks waited for it (else the debug hook
+    // is missing, e.g. a release build of the tracer was given), and were
+    // reported as of the sweep they were due at.
+    let leak = of_pid("leak", stays.pid());
+    assert_eq!(leak.len(), 1, "the staying leak is reported once\n{ctx}");
+    let at = lines
+        .iter()
+        .position(|v| std::ptr::eq(v, leak[0]))
+        .expect("a line of ours");
+    let before = lines[..at]
+        .iter()
+        .filter(|v| of_type(v, "status"))
+        .filter_map(|v| v["uptime_ms"].as_u64())
+        .max()
+        .unwrap_or(0);
     assert!(
-        reported_after >= DELAY,
-        "the leak was reported {reported_after:?} after start, before the {DELAY:?} gathering could end: \
+        before >= leaks_start_ms + DELAY.as_millis() as u64,
+        "the leak was printed {before} ms into the trace, before the {DELAY:?} gathering could end: \
          is TRACER_BIN a debug build (the delay hook exists only there)?\n{ctx}"
     );
+    assert!(
+        leak[0]["close_wait_ms"].as_u64().unwrap_or(0) < DELAY.as_millis() as u64,
+        "{ctx}"
+    );
     // ... and it came with its evidence, which matches the kernel's view.
+    let leak = Leak::from_json(leak[0]);
     assert_eq!(leak.cookie, truth[0].cookie, "{ctx}");
     assert_eq!(
         leak.json["unread_bytes"].as_u64(),
@@ -94,26 +153,44 @@ fn slow_evidence_does_not_stop_the_drain() {
     assert_eq!(truth[0].recv_q - 1, u64::from(REPLY), "fixture sanity\n{ctx}");
     let holders = leak.json["holders"].as_array().cloned().unwrap_or_default();
     assert!(
-        holders.iter().any(|h| h["pid"].as_u64() == Some(u64::from(leaker.pid()))
+        holders.iter().any(|h| h["pid"].as_u64() == Some(u64::from(stays.pid()))
             && h["fd"].as_i64() == socks.first().map(|s| i64::from(s.fd))),
         "the leaking process holds the socket through its fd\n{ctx}"
     );
-    // While the gathering ran, the drain went on: status lines kept coming
-    // and the events they count kept growing.
-    let during: Vec<(u64, u64)> = lines
+    // The owner that exited during the gathering: its socket was leaked
+    // when the sweep was due, so it is a leak, then a late close.
+    assert_eq!(
+        of_pid("leak", exits.pid()).len(),
+        1,
+        "a leak whose owner exits while evidence is gathered\n{ctx}"
+    );
+    assert_eq!(
+        of_pid("late_close", exits.pid()).len(),
+        1,
+        "... then its late close\n{ctx}"
+    );
+
+    // While the gathering ran, the drain went on: status lines kept
+    // coming, and the small ring buffer never overflowed.
+    let during = lines
         .iter()
         .filter(|v| of_type(v, "status"))
-        .filter_map(|v| Some((v["uptime_ms"].as_u64()?, v["events"].as_u64()?)))
-        .filter(|&(t, _)| t >= 2000 && t + 1000 <= DELAY.as_millis() as u64)
-        .collect();
+        .filter_map(|v| v["uptime_ms"].as_u64())
+        .filter(|&t| t >= leaks_start_ms + 2000 && t + 1000 <= leaks_start_ms + DELAY.as_millis() as u64)
+        .count();
     assert!(
-        during.len() >= 5,
-        "only {} status lines while evidence was being gathered: the drain stopped\n{ctx}",
-        during.len()
+        during >= 5,
+        "only {during} status lines while evidence was being gathered\n{ctx}"
     );
-    let (first, last) = (during[0].1, during[during.len() - 1].1);
+    let summary = lines.iter().find(|v| of_type(v, "summary")).expect("a summary");
+    let k = &summary["stats"]["kernel"];
+    assert_eq!(
+        k["ringbuf_drops"].as_u64(),
+        Some(0),
+        "the ring buffer overflowed: the drain stopped\n{ctx}"
+    );
     assert!(
-        last > first + 40,
-        "events counted while evidence was being gathered went from {first} to {last}: the drain stopped\n{ctx}"
+        k["generated"].as_u64().unwrap_or(0) * STATE_EVENT_BYTES > 2 * RING_BYTES,
+        "fixture sanity: the churn made more than two ring buffers' worth of events\n{ctx}"
     );
 }

@@ -13,6 +13,7 @@ pub mod tcp;
 
 pub use config::{Config, KernelOffsets, STACKS_KERNEL, STACKS_USER};
 pub use event::{
-    walk_end, EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, COMM_LEN, KSTACK_SENT,
-    MAX_KERNEL_FRAMES, MAX_USER_FRAMES, NO_STACK, RX_QUEUE_UNKNOWN, SP_WORDS, STACKS_OFF, STACKS_SAMPLED_OUT, USTACK_WALKED,
+    walk_end, EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, COMM_LEN,
+    KSTACK_SENT, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, NO_STACK, RX_QUEUE_UNKNOWN, SP_WORDS, STACKS_OFF,
+    STACKS_SAMPLED_OUT, USTACK_WALKED,
 };

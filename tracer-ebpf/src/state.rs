@@ -71,7 +71,12 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
         // layout were misread: then the event still goes (the state change
         // matters more than the byte count), marked unknown, and the one
         // diagnostic that says which field goes to the agent's log.
-        ev.rx_queue = match unsafe { (read::<u32>(base, off!(tcp_rcv_nxt)), read::<u32>(base, off!(tcp_copied_seq))) } {
+        ev.rx_queue = match unsafe {
+            (
+                read::<u32>(base, off!(tcp_rcv_nxt)),
+                read::<u32>(base, off!(tcp_copied_seq)),
+            )
+        } {
             (Ok(nxt), Ok(copied)) => nxt.wrapping_sub(copied),
             _ => {
                 aya_log_ebpf::warn!(

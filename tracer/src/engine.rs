@@ -29,7 +29,7 @@ use crate::{
 /// it is next needed. The live agent asks [`Engine::unreferenced`], tells
 /// its producers, and feeds the decision back ([`Engine::forget`]). Evidence
 /// is per socket: forgotten here once its socket is gone.
-const CACHE_CAP: usize = 8192;
+const CACHE_CAP: usize = 2048;
 
 pub struct Engine {
     corr: Correlator,
@@ -212,14 +212,17 @@ impl Engine {
         out
     }
 
-    pub fn status(&self) -> Status {
+    /// Where things stand at `now_ns` (the agent's clock: the analysis may
+    /// be behind it while inputs wait for evidence).
+    pub fn status(&self, now_ns: u64) -> Status {
         let stats = self.corr.stats();
+        let now_ns = now_ns.max(self.now_ns);
         Status {
-            time: self.wall.format(self.now_ns),
-            uptime_ms: self.now_ns.saturating_sub(self.start_ns.unwrap_or(self.now_ns)) / 1_000_000,
+            time: self.wall.format(now_ns),
+            uptime_ms: now_ns.saturating_sub(self.start_ns.unwrap_or(now_ns)) / 1_000_000,
             events: stats.events,
             sockets_tracked: stats.sockets_tracked,
-            leaks_now: self.corr.current_leaks(self.now_ns).len(),
+            leaks_now: self.corr.current_leaks(now_ns).len(),
             ringbuf_drops: self.kernel_stats.ringbuf_drops,
             stacks_held: None,
             stacks_cap: None,

@@ -49,7 +49,11 @@ fn connection(pid: u32, t_ms: u64) -> Vec<Input> {
         }),
         Input::Stack(StackInput {
             key: StackKey { pid, id: pid as i32 },
-            frames: Ok(vec![Frame::raw(0x1000 + u64::from(pid), Default::default(), "test".into())]),
+            frames: Ok(vec![Frame::raw(
+                0x1000 + u64::from(pid),
+                Default::default(),
+                "test".into(),
+            )]),
             truncated: None,
         }),
         state(t_ms, pid, cookie, tcp::CLOSE, tcp::SYN_SENT),
@@ -68,7 +72,11 @@ fn closed(pid: u32, t_ms: u64) -> Vec<Input> {
 
 #[test]
 fn forgets_only_what_no_socket_refers_to() {
-    let mut e = Engine::new(Correlator::new(LEAK_AFTER, None, 1 << 20), WallClock::from_offset(0), false);
+    let mut e = Engine::new(
+        Correlator::new(LEAK_AFTER, None, 1 << 20),
+        WallClock::from_offset(0),
+        false,
+    );
     let sink = &mut NullSink;
     let n = (CACHE_CAP + 100) as u32;
     // Every process's socket closes at once, except the first ten, which

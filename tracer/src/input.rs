@@ -4,9 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    correlate::SnapshotSocket, decode::Event, evidence::Evidence, kernel::KernelStats, procs::ProcInfo,
-};
+use crate::{correlate::SnapshotSocket, decode::Event, evidence::Evidence, kernel::KernelStats, procs::ProcInfo};
 
 pub use crate::stacks::{StackInput, StackKey};
 

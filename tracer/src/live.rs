@@ -41,6 +41,8 @@ use crate::{
 const TICK: Duration = Duration::from_millis(100);
 /// Least time between two evidence gatherings (sock_diag + /proc scan).
 const EVIDENCE_EVERY: Duration = Duration::from_secs(1);
+/// Most inputs queued behind an evidence gathering (about 128 bytes each).
+const HOLD_CAP: usize = 1 << 18;
 /// Wake the reader early once this much is waiting in the ring buffer.
 const WAKEUP_FRACTION: u64 = 4;
 
@@ -220,7 +222,9 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     };
 
     if reason != "output_closed" {
-        s.finish(&mut kernel, reason).or_else(|e| output_error(e).map(|_| ()))?;
+        s.finish(&mut kernel, reason)
+            .await
+            .or_else(|e| output_error(e).map(|_| ()))?;
     }
     if let (Output::Record { path, .. }, Some(r)) = (&output, &s.recorder) {
         eprintln!(
@@ -371,7 +375,25 @@ struct Session {
 }
 
 impl Session {
+    /// Records and analyses the queued inputs. While evidence is being
+    /// gathered they stay queued (the ring buffer is still drained): the
+    /// sweep the evidence is for must come before them, exactly as if the
+    /// gathering had been instant, or a leak whose owner closes it or exits
+    /// meanwhile would be reported neither as a leak nor as a late close.
     fn flush_inputs(&mut self) -> io::Result<()> {
+        if self.evidence_job.is_some() {
+            if self.inputs.len() < HOLD_CAP {
+                return Ok(());
+            }
+            // Waiting longer would hold too much: the leaks due are
+            // reported now, without the evidence.
+            let job = self.evidence_job.take().expect("checked above");
+            log::warn!(
+                "leak evidence took too long to gather ({} events waited): leaks reported without it",
+                self.inputs.len()
+            );
+            self.inputs.insert(0, Input::Tick(job.ns));
+        }
         for input in self.inputs.drain(..) {
             if let Some(r) = self.recorder.as_mut() {
                 // Once full, only the final counters and the End record go
@@ -462,19 +484,36 @@ impl Session {
     }
 
     /// The evidence gathered for the sweep at `ns`: recorded, then the
-    /// sweep that reports those leaks.
+    /// sweep that reports those leaks, then what was drained meanwhile.
     fn evidence_done(&mut self, (ns, found): (u64, HashMap<u64, Evidence>)) -> io::Result<()> {
+        let mut first = Vec::with_capacity(1);
         if !found.is_empty() {
-            self.inputs.push(Input::Evidence(EvidenceInput {
+            first.push(Input::Evidence(EvidenceInput {
                 ns,
                 items: found.into_iter().collect(),
             }));
         }
-        self.advance_clock(ns)
+        self.inputs.splice(0..0, first);
+        self.advance_clock_before_queued(ns)
     }
 
     fn advance_clock(&mut self, now: u64) -> io::Result<()> {
         self.inputs.push(Input::Tick(now));
+        self.after_tick(now)
+    }
+
+    /// A tick ahead of the inputs already queued (they came after it).
+    fn advance_clock_before_queued(&mut self, ns: u64) -> io::Result<()> {
+        let at = self
+            .inputs
+            .iter()
+            .take_while(|i| matches!(i, Input::Evidence(_)))
+            .count();
+        self.inputs.insert(at, Input::Tick(ns));
+        self.after_tick(ns)
+    }
+
+    fn after_tick(&mut self, now: u64) -> io::Result<()> {
         self.flush_inputs()?;
         self.forget_unreferenced(now);
         if let Some(r) = self.recorder.as_mut() {
@@ -522,7 +561,7 @@ impl Session {
     fn status(&mut self, kernel: &Kernel, output: &Output) -> io::Result<()> {
         self.push_stats(kernel);
         self.flush_inputs()?;
-        let mut st = self.engine.status();
+        let mut st = self.engine.status(clock::monotonic_ns());
         let (held, cap) = self.stacks.held();
         st.stacks_held = Some(held);
         st.stacks_cap = Some(cap);
@@ -549,12 +588,15 @@ impl Session {
         self.sink.flush()
     }
 
-    fn finish(&mut self, kernel: &mut Kernel, reason: &'static str) -> io::Result<()> {
-        // Stop the producers, then take everything they produced. A
-        // gathering still running is superseded by the one below, which
-        // covers its leaks too (they are still due).
+    async fn finish(&mut self, kernel: &mut Kernel, reason: &'static str) -> io::Result<()> {
+        // Stop the producers; let a gathering under way end (the inputs
+        // queued behind it go after its sweep); then take everything the
+        // producers left.
         kernel.stop();
-        self.evidence_job = None;
+        if self.evidence_job.is_some() {
+            let found = wait_evidence(&mut self.evidence_job).await;
+            self.evidence_done(found)?;
+        }
         self.drain(kernel)?;
         let now = clock::monotonic_ns();
         let mut cookies: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();

@@ -485,5 +485,8 @@ fn unreadable_rx_queue_is_unknown_not_zero() {
     fin.rx_queue = RX_QUEUE_UNKNOWN;
     c.on_event(&Event::State(fin), &mut out);
     assert_eq!(c.socket(1).and_then(|s| s.unread_at_fin), None);
-    assert!(c.socket(1).is_some_and(|s| s.close_wait.is_some()), "the state change itself counts");
+    assert!(
+        c.socket(1).is_some_and(|s| s.close_wait.is_some()),
+        "the state change itself counts"
+    );
 }

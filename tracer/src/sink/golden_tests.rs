@@ -603,7 +603,7 @@ fn run(
             Step::Feed(input) => engine.feed(&input, &mut sink).unwrap(),
             Step::Status => {
                 // As `live` fills in what only its stack symbolizer knows.
-                let mut st = engine.status();
+                let mut st = engine.status(0);
                 st.stacks_held = Some(3);
                 st.stacks_cap = Some(65536);
                 sink.status(&st).unwrap();

@@ -264,6 +264,7 @@ impl StackSymbolizer {
         if !new {
             return id;
         }
+        self.native.note_process(pid);
         let unwound = match ctx {
             Some(ctx) => walk::unwind(pid, w, ctx, &self.native),
             None => Err("the process exited before its stack was symbolized".into()),

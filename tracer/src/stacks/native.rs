@@ -1,5 +1,7 @@
 //! Native frames (ELF symbols, DWARF file:line, kallsyms) by blazesym.
 
+use std::collections::HashSet;
+
 use blazesym::{
     normalize::Normalizer,
     symbolize::{
@@ -11,9 +13,17 @@ use blazesym::{
 
 use super::{Frame, FrameKind};
 
+/// Processes symbolized before blazesym's caches are renewed. Its parsed
+/// files are shared by all processes, but it also remembers each
+/// process's `/proc/PID/map_files/...` paths, for ever: over weeks of
+/// short-lived processes that grows without bound. Renewing costs parsing
+/// the files in use again, once per this many processes.
+const RENEW_AFTER: usize = 4096;
+
 pub struct NativeSymbolizer {
     symbolizer: Symbolizer,
     normalizer: Normalizer,
+    processes: HashSet<u32>,
 }
 
 impl NativeSymbolizer {
@@ -21,6 +31,17 @@ impl NativeSymbolizer {
         NativeSymbolizer {
             symbolizer: Symbolizer::new(),
             normalizer: Normalizer::new(),
+            processes: HashSet::new(),
+        }
+    }
+
+    /// A process whose frames are about to be named.
+    pub fn note_process(&mut self, pid: u32) {
+        if self.processes.insert(pid) && self.processes.len() > RENEW_AFTER {
+            self.symbolizer = Symbolizer::new();
+            self.normalizer = Normalizer::new();
+            self.processes.clear();
+            self.processes.insert(pid);
         }
     }
 
