@@ -17,6 +17,8 @@
 //! * [`addr`]: [`normalize_addr`], the form addresses are compared in.
 //! * [`compare`]: [`assert_same_cookies`], set comparison that shows both
 //!   differences.
+//! * [`reduced`]: `tracer live --json` as uid 65534 with only some
+//!   capabilities ([`reduced::run_reduced`], through `setpriv`).
 //! * [`recording`]: `tracer record` ([`Recorder`]), `report` / `export`
 //!   ([`run_tracer_cmd`]), temporary files, and damaging recordings.
 
@@ -31,6 +33,7 @@ pub mod paths;
 pub mod privileges;
 pub mod procfs;
 pub mod recording;
+pub mod reduced;
 pub mod ss;
 pub mod tracer;
 

@@ -89,7 +89,7 @@ impl Optional {
     pub fn costs(self) -> &'static str {
         match self {
             Optional::DacReadSearch => {
-                "the accept and close hooks when tracefs is root-only, and other users' holders, fds and Java frames"
+                "the accept and close hooks where tracefs is root-only, and other users' holders, fds and Java frames"
             }
             Optional::SysPtrace => {
                 "other users' holders, fds and Java frames, and the caller of libc's syscall wrappers in their stacks"
@@ -129,7 +129,7 @@ impl fmt::Display for Missing {
             if i > 0 {
                 f.write_str("; ")?;
             }
-            write!(f, "without {}: no {}", o.name(), o.costs())?;
+            write!(f, "without {}: loses {}", o.name(), o.costs())?;
         }
         Ok(())
     }
@@ -258,16 +258,17 @@ impl Denied {
         }
     }
 
-    /// Every capability the kernel wants for this access, each as a list
-    /// of alternatives (the first is the one to grant).
-    fn needs(self) -> &'static [&'static [Cap]] {
+    /// The capabilities the kernel wants for this access, each as a list
+    /// of alternatives (the first is the one to grant): for every process,
+    /// then for other users' processes only.
+    fn needs(self) -> (&'static [&'static [Cap]], &'static [&'static [Cap]]) {
         const DAC: &[Cap] = &[CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE];
         const PTRACE: &[Cap] = &[CAP_SYS_PTRACE];
         const CHECKPOINT: &[Cap] = &[CAP_CHECKPOINT_RESTORE, CAP_SYS_ADMIN];
         match self {
-            Denied::Fds | Denied::Mem => &[PTRACE, DAC],
-            Denied::Names | Denied::Maps => &[PTRACE],
-            Denied::MapFiles => &[CHECKPOINT, PTRACE, DAC],
+            Denied::Fds | Denied::Mem => (&[], &[PTRACE, DAC]),
+            Denied::Names | Denied::Maps => (&[], &[PTRACE]),
+            Denied::MapFiles => (&[CHECKPOINT], &[PTRACE, DAC]),
         }
     }
 }
@@ -307,22 +308,32 @@ fn denied_line(kind: Denied, processes: usize, caps: Option<Caps>) -> String {
     } else {
         format!("{processes} processes")
     };
-    let grant: Vec<&str> = kind
-        .needs()
-        .iter()
-        .filter(|alts| !caps.is_some_and(|c| c.any(alts)))
-        .map(|alts| alts[0].1)
-        .collect();
-    let fix = match (caps, grant.is_empty()) {
-        (None, _) => {
-            let all: Vec<&str> = kind.needs().iter().map(|alts| alts[0].1).collect();
-            format!("run tracer as root, or grant {}", all.join(" and "))
+    let (always, others) = kind.needs();
+    let names = |needs: &[&[Cap]], only_missing: bool| -> String {
+        let v: Vec<&str> = needs
+            .iter()
+            .filter(|alts| !only_missing || !caps.is_some_and(|c| c.any(alts)))
+            .map(|alts| alts[0].1)
+            .collect();
+        match v.split_last() {
+            None => String::new(),
+            Some((last, [])) => last.to_string(),
+            Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
         }
-        (Some(_), false) => format!("grant {}", grant.join(" and ")),
+    };
+    let (a, o) = (names(always, true), names(others, true));
+    let fix = match (caps, a.is_empty(), o.is_empty()) {
+        (None, ..) => {
+            let all = names(&[always, others].concat(), false);
+            format!("run tracer as root, or grant {all}")
+        }
+        (Some(_), false, false) => format!("grant {a} (and, for other users' processes, {o})"),
+        (Some(_), false, true) => format!("grant {a}"),
+        (Some(_), true, false) => format!("grant {o}"),
         // Every capability is there: hidepid, a security module or another
         // user namespace refuses.
-        (Some(_), true) => "tracer has the capabilities for it, so /proc's hidepid, a security module or a \
-                            user namespace refuses"
+        (Some(_), true, true) => "tracer has the capabilities for it, so /proc's hidepid, a security module or a \
+                                  user namespace refuses"
             .to_string(),
     };
     format!(
@@ -411,7 +422,7 @@ mod tests {
         );
         let line = m.to_string();
         assert!(
-            line.starts_with("without CAP_SYS_PTRACE: no other users' holders"),
+            line.starts_with("without CAP_SYS_PTRACE: loses other users' holders"),
             "{line}"
         );
         assert!(!line.contains('\n'));
@@ -433,14 +444,36 @@ mod tests {
             "{line}"
         );
         let line = denied_line(Denied::MapFiles, 1, Some(caps(&[CAP_SYS_PTRACE, CAP_DAC_OVERRIDE])));
-        assert!(line.contains("grant CAP_CHECKPOINT_RESTORE ("), "{line}");
+        assert!(line.contains("; grant CAP_CHECKPOINT_RESTORE (see README"), "{line}");
+        // Own processes need CAP_CHECKPOINT_RESTORE alone.
+        let line = denied_line(Denied::MapFiles, 1, Some(caps(&[CAP_BPF, CAP_PERFMON])));
+        assert!(
+            line.contains(
+                "; grant CAP_CHECKPOINT_RESTORE (and, for other users' processes, CAP_SYS_PTRACE and \
+                 CAP_DAC_READ_SEARCH) (see README"
+            ),
+            "{line}"
+        );
+        let line = denied_line(Denied::MapFiles, 1, Some(caps(&[CAP_SYS_ADMIN])));
+        assert!(
+            line.contains("; grant CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (see README"),
+            "{line}"
+        );
         let line = denied_line(Denied::Fds, 2, Some(caps(&[CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH])));
         assert!(
             line.contains("hidepid, a security module or a user namespace"),
             "{line}"
         );
         let line = denied_line(Denied::Names, 2, None);
-        assert!(line.contains("run tracer as root, or grant CAP_SYS_PTRACE"), "{line}");
+        assert!(
+            line.contains("; run tracer as root, or grant CAP_SYS_PTRACE (see README"),
+            "{line}"
+        );
+        let line = denied_line(Denied::MapFiles, 2, None);
+        assert!(
+            line.contains("or grant CAP_CHECKPOINT_RESTORE, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (see"),
+            "{line}"
+        );
     }
 
     #[test]
