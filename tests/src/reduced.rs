@@ -4,8 +4,10 @@
 //! they survive the exec. Needs root (to grant them) and `setpriv`
 //! ([`require_setpriv`]: skip locally, fail in CI).
 
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -74,7 +76,7 @@ pub fn run_reduced(setpriv: &PathBuf, caps: &[&str], args: &[&str]) -> Child {
     cmd.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
         .arg(format!("--inh-caps={list}"))
         .arg(format!("--ambient-caps={list}"))
-        .arg(tracer_bin())
+        .arg(tracer_for_nobody())
         .args(["live", "--json"])
         .args(args)
         .env_remove("RUST_LOG")
@@ -83,6 +85,56 @@ pub fn run_reduced(setpriv: &PathBuf, caps: &[&str], args: &[&str]) -> Child {
         &format!("tracer live --json {} (uid {NOBODY}, caps {caps:?})", args.join(" ")),
         cmd,
     )
+}
+
+/// Whether others (uid [`NOBODY`]) can run `path`: every directory above
+/// it searchable, the file executable.
+fn others_can_run(path: &Path) -> bool {
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode()).unwrap_or(0);
+    mode(path) & 0o001 != 0 && path.ancestors().skip(1).all(|d| mode(d) & 0o001 != 0)
+}
+
+static COPY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+extern "C" fn remove_copy() {
+    if let Some(Ok(bin)) = COPY.get() {
+        if let Some(dir) = bin.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The tracer binary, where uid [`NOBODY`] can run it: [`tracer_bin`]
+/// itself, or (a checkout under a private home directory) a copy in a
+/// temporary directory removed when the test process exits.
+pub fn tracer_for_nobody() -> PathBuf {
+    let bin = tracer_bin();
+    if others_can_run(&bin) {
+        return bin;
+    }
+    let copy = COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tracer-test-reduced-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        // SAFETY: registers a plain `extern "C" fn` that only reads a
+        // static; nothing else is required of atexit's argument.
+        unsafe { libc::atexit(remove_copy) };
+        let to = dir.join("tracer");
+        std::fs::copy(&bin, &to).map_err(|e| format!("copying {} to {}: {e}", bin.display(), to.display()))?;
+        for (p, mode) in [(&dir, 0o755), (&to, 0o755)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("chmod {}: {e}", p.display()))?;
+        }
+        if others_can_run(&to) {
+            Ok(to)
+        } else {
+            Err(format!("{} is not reachable by other users either", to.display()))
+        }
+    });
+    match copy {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("uid {NOBODY} cannot run {}, and copying it failed: {e}", bin.display()),
+    }
 }
 
 /// Waits for the tracer's `start` line.
@@ -171,6 +223,12 @@ mod tests {
         );
         let bits: Vec<u32> = FULL_SET.iter().map(|c| cap_bit(c)).collect();
         assert_eq!(bits, [39, 38, 19, 2, 40]);
+    }
+
+    #[test]
+    fn the_tracer_is_runnable_by_others() {
+        assert!(others_can_run(Path::new("/bin/sh")));
+        assert!(!others_can_run(Path::new("/nonexistent/tracer")));
     }
 
     #[test]
