@@ -28,54 +28,21 @@ pub enum Command {
     Export(ExportArgs),
 }
 
-#[derive(Debug)]
-pub struct LiveArgs {
-    pub trace: TraceArgs,
-    pub json: bool,
-}
-
-/// `live`'s command line. `--events` is an output option, so `record`
-/// (which prints no findings) must refuse it; the tracing code reads it
-/// from the [`TraceArgs`] both share, so it is parsed here and handed over.
 #[derive(Debug, Args)]
-struct LiveFlags {
+pub struct LiveArgs {
     #[command(flatten)]
-    trace: TraceArgs,
+    pub trace: TraceArgs,
 
     /// JSON Lines on stdout, one object per line, each with a "type".
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 
     /// Also print every TCP state change, accept and close (costly on a
-    /// busy host: printing is dearer than tracing).
+    /// busy host: printing is dearer than tracing). An output option, so
+    /// not `record`'s (which prints no findings; `report --events` prints
+    /// the recorded events).
     #[arg(long)]
-    events: bool,
-}
-
-impl clap::FromArgMatches for LiveArgs {
-    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
-        let mut f = LiveFlags::from_arg_matches(m)?;
-        f.trace.events = f.events;
-        Ok(LiveArgs {
-            trace: f.trace,
-            json: f.json,
-        })
-    }
-
-    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(m)?;
-        Ok(())
-    }
-}
-
-impl Args for LiveArgs {
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        LiveFlags::augment_args(cmd)
-    }
-
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        LiveFlags::augment_args_for_update(cmd)
-    }
+    pub events: bool,
 }
 
 #[derive(Debug, Args)]
@@ -159,11 +126,6 @@ pub struct TraceArgs {
     /// SIGTERM, or the --pid process exits).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
-
-    /// Print every event: `live --events` sets it (not a flag here, since
-    /// `record` shares these arguments and prints no events).
-    #[arg(skip)]
-    pub events: bool,
 
     /// Also capture kernel stacks where sockets are opened and closed. Off
     /// by default: each costs a kernel unwind (~5 µs), and they are nearly
@@ -301,19 +263,15 @@ mod tests {
         let Command::Live(a) = parse(&["live", "--events", "--json"]).unwrap().command else {
             panic!("live")
         };
-        assert!(a.trace.events && a.json);
+        assert!(a.events && a.json);
         let Command::Live(a) = parse(&["live", "--pid", "7"]).unwrap().command else {
             panic!("live")
         };
-        assert!(!a.trace.events && a.trace.pid == Some(7));
+        assert!(!a.events && a.trace.pid == Some(7));
         let Command::Report(a) = parse(&["report", "--events", "f"]).unwrap().command else {
             panic!("report")
         };
         assert!(a.events);
-        let Command::Record(a) = parse(&["record", "-o", "f"]).unwrap().command else {
-            panic!("record")
-        };
-        assert!(!a.trace.events);
         let e = parse(&["record", "-o", "f", "--events"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
         assert!(e.to_string().contains("--events"), "{e}");

@@ -43,7 +43,8 @@ impl WallClock {
     }
 
     pub fn to_system(self, ktime_ns: u64) -> SystemTime {
-        let ns = (ktime_ns as i128 + self.offset_ns).max(0) as u64;
+        // A recording's offset is data: clamp, never wrap.
+        let ns = (ktime_ns as i128 + self.offset_ns).clamp(0, i128::from(u64::MAX)) as u64;
         UNIX_EPOCH + Duration::from_nanos(ns)
     }
 

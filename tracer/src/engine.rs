@@ -27,8 +27,10 @@ use crate::{
 /// Names and stacks are sent once by their producer (the live agent), so
 /// only the producer may decide to forget one: it then sends it again when
 /// it is next needed. The live agent asks [`Engine::unreferenced`], tells
-/// its producers, and feeds the decision back ([`Engine::forget`]). Evidence
-/// is per socket: forgotten here once its socket is gone.
+/// its producers, and feeds the decision back as an [`Input::Forget`],
+/// which a recording keeps, so that a replay forgets exactly the same
+/// (whatever its own `--pid` or `--leak-after`). Evidence is per socket:
+/// forgotten here once its socket is gone.
 const CACHE_CAP: usize = 2048;
 
 pub struct Engine {
@@ -124,7 +126,7 @@ impl Engine {
                     sink.loss(&Loss {
                         time: self.wall.format(s.ns),
                         kernel: k,
-                        new_ringbuf_drops: k.ringbuf_drops - before.ringbuf_drops,
+                        new_ringbuf_drops: k.ringbuf_drops.saturating_sub(before.ringbuf_drops),
                     })?;
                 }
             }
@@ -134,6 +136,7 @@ impl Engine {
                 sink.process_exit(e.pid)?;
             }
             Input::End(e) => self.advance(e.ns),
+            Input::Forget(f) => self.forget(f),
         }
         self.emit(sink)
     }
@@ -308,7 +311,7 @@ impl Engine {
         Some(ForgetInput { ns, pids, stacks })
     }
 
-    pub fn forget(&mut self, f: &ForgetInput) {
+    fn forget(&mut self, f: &ForgetInput) {
         for pid in &f.pids {
             self.names.remove(pid);
         }

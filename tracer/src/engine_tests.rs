@@ -98,7 +98,7 @@ fn forgets_only_what_no_socket_refers_to() {
     assert_eq!(f.stacks.len(), n as usize - 10);
     assert!(f.pids.iter().all(|&p| p > 10), "a leaking process's name is kept");
     assert!(f.stacks.iter().all(|k| k.pid > 10), "a leaking socket's stack is kept");
-    e.forget(&f);
+    e.feed(&Input::Forget(f), sink).unwrap();
     assert_eq!(e.cached(), (10, 10));
     // Not again until the caches have grown back to the limit.
     assert!(e.unreferenced(31 * MS).is_none());

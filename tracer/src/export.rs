@@ -71,6 +71,7 @@ pub(crate) fn jsonl<R: Read>(replay: Replay<R>, out: &mut dyn Write) -> Result<(
             Input::Stats(s) => json!({"type": "stats", "stats": s}),
             Input::ProcessExit(e) => json!({"type": "process_exit", "process_exit": e}),
             Input::End(e) => json!({"type": "end", "end": e}),
+            Input::Forget(f) => json!({"type": "forget", "forget": f}),
         };
         serde_json::to_writer(&mut *out, &v)?;
         out.write_all(b"\n")?;

@@ -66,4 +66,6 @@ pub enum Input {
     Stats(StatsInput),
     ProcessExit(ExitInput),
     End(EndInput),
+    /// Names and stacks the live agent forgot; a replay forgets them too.
+    Forget(ForgetInput),
 }

@@ -27,7 +27,7 @@ use crate::{
     decode::{decode_record, Event, Record},
     engine::Engine,
     evidence::{self, Evidence},
-    input::{EndInput, EvidenceInput, ExitInput, Input, SnapshotInput, StackInput, StatsInput},
+    input::{EndInput, EvidenceInput, ExitInput, Input, ProcessInput, SnapshotInput, StackInput, StatsInput},
     kernel::{Kernel, LoadOptions},
     procs::{self, ProcNames},
     record::writer::{Header, HeaderOptions, Recorder, Written},
@@ -48,7 +48,7 @@ const WAKEUP_FRACTION: u64 = 4;
 
 /// Where findings go: stdout (`live`), or a file (`record`).
 pub enum Output {
-    Live { json: bool },
+    Live { json: bool, events: bool },
     Record { path: PathBuf, max_size: Option<u64> },
 }
 
@@ -87,8 +87,10 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     let pidfd = args.pid.map(pidfd_open).transpose()?;
 
     let sink: Box<dyn Sink> = match &output {
-        Output::Live { json: true } => Box::new(sink::JsonSink::new(io::BufWriter::new(io::stdout()))),
-        Output::Live { json: false } => Box::new(sink::TextSink::new(io::BufWriter::new(io::stdout()), io::stderr())),
+        Output::Live { json: true, .. } => Box::new(sink::JsonSink::new(io::BufWriter::new(io::stdout()))),
+        Output::Live { json: false, .. } => {
+            Box::new(sink::TextSink::new(io::BufWriter::new(io::stdout()), io::stderr()))
+        }
         // Recording shows progress, not findings (`tracer report` does).
         Output::Record { .. } => Box::new(sink::NullSink),
     };
@@ -96,7 +98,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         engine: Engine::new(
             Correlator::new(leak_after_ns, args.pid, args.max_sockets),
             wall,
-            args.events,
+            matches!(output, Output::Live { events: true, .. }),
         ),
         sink,
         recorder,
@@ -119,8 +121,8 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         .filter_map(|s| s.holder.map(|h| h.0))
         .collect::<HashSet<_>>()
     {
-        if let Some(p) = s.names.learn(pid) {
-            s.inputs.push(Input::Process(p));
+        if let Some(info) = s.names.learn(pid) {
+            s.inputs.push(Input::Process(ProcessInput { pid, info }));
         }
     }
     s.inputs.push(Input::Snapshot(snap));
@@ -444,8 +446,9 @@ impl Session {
                 Event::Close(_) => false,
             };
             if owner {
-                if let Some(p) = self.names.learn(ev.header().tgid) {
-                    self.inputs.push(Input::Process(p));
+                let pid = ev.header().tgid;
+                if let Some(info) = self.names.learn(pid) {
+                    self.inputs.push(Input::Process(ProcessInput { pid, info }));
                 }
             }
             if owner || matches!(ev, Event::Close(_)) {
@@ -515,7 +518,10 @@ impl Session {
 
     fn after_tick(&mut self, now: u64) -> io::Result<()> {
         self.flush_inputs()?;
+        // Right after the tick: every stack and name fed so far has had
+        // its event fed too (they come just before it).
         self.forget_unreferenced(now);
+        self.flush_inputs()?;
         if let Some(r) = self.recorder.as_mut() {
             r.flush()?;
         }
@@ -529,7 +535,7 @@ impl Session {
         if let Some(f) = self.engine.unreferenced(now) {
             self.stacks.forget(&f.stacks);
             self.names.forget(&f.pids);
-            self.engine.forget(&f);
+            self.inputs.push(Input::Forget(f));
         }
     }
 

@@ -56,7 +56,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            cli::Command::Live(a) => live::run(a.trace, live::Output::Live { json: a.json }).await,
+            cli::Command::Live(a) => {
+                live::run(
+                    a.trace,
+                    live::Output::Live {
+                        json: a.json,
+                        events: a.events,
+                    },
+                )
+                .await
+            }
             cli::Command::Record(a) => {
                 live::run(
                     a.trace,

@@ -179,16 +179,9 @@ impl ProcNames {
         }
     }
 
-    /// The process's name, the first time it is asked for.
-    pub fn learn(&mut self, pid: u32) -> Option<crate::input::ProcessInput> {
-        self.learn_info(pid)
-            .map(|info| crate::input::ProcessInput { pid, info })
-    }
-
     /// The process's name and command line, the first time `pid` is asked
     /// for; None when it was asked for already, or is gone.
-    #[allow(dead_code)] // Replaces `learn` once live.rs calls it.
-    pub fn learn_info(&mut self, pid: u32) -> Option<ProcInfo> {
+    pub fn learn(&mut self, pid: u32) -> Option<ProcInfo> {
         if pid == 0 || self.seen.contains(&pid) {
             return None;
         }
@@ -208,10 +201,10 @@ mod tests {
     fn learn_info_names_a_pid_once() {
         let me = std::process::id();
         let mut names = ProcNames::new(4);
-        let info = names.learn_info(me).expect("this process is alive");
+        let info = names.learn(me).expect("this process is alive");
         assert!(!info.comm.is_empty() && !info.cmdline.is_empty(), "{info:?}");
-        assert_eq!(names.learn_info(me), None, "asked for already");
-        assert_eq!(names.learn_info(0), None);
+        assert_eq!(names.learn(me), None, "asked for already");
+        assert_eq!(names.learn(0), None);
     }
 
     #[test]

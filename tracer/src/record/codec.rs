@@ -68,6 +68,7 @@ pub fn encode(input: &Input, out: &mut Vec<u8>, part_size: usize) {
         Input::Stats(s) => (Kind::Stats, json(s)),
         Input::ProcessExit(e) => (Kind::ProcessExit, json(e)),
         Input::End(e) => (Kind::End, json(e)),
+        Input::Forget(f) => (Kind::Forget, json(f)),
     };
     encode_record(out, kind, &payload);
 }
@@ -117,6 +118,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<(Input, Option<SnapshotPart>
             Kind::Stats => Input::Stats(serde_json::from_slice(payload).map_err(j)?),
             Kind::ProcessExit => Input::ProcessExit(serde_json::from_slice(payload).map_err(j)?),
             Kind::End => Input::End(serde_json::from_slice(payload).map_err(j)?),
+            Kind::Forget => Input::Forget(serde_json::from_slice(payload).map_err(j)?),
         },
         None,
     ))

@@ -36,6 +36,8 @@ pub enum Kind {
     ProcessExit = 8,
     /// JSON: the recording ended cleanly.
     End = 9,
+    /// JSON: names and stacks the agent forgot (nothing referred to them).
+    Forget = 10,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             7 => Kind::Stats,
             8 => Kind::ProcessExit,
             9 => Kind::End,
+            10 => Kind::Forget,
             _ => return None,
         })
     }

@@ -219,6 +219,18 @@ fn body_input(era: u64) -> impl Strategy<Value = Input> {
             Input::Evidence(from_json(json!({"ns": ns, "items": items})))
         });
     let exit = (ns(era), 1u32..4).prop_map(|(ns, pid)| Input::ProcessExit(from_json(json!({"ns": ns, "pid": pid}))));
+    let forget = (
+        ns(era),
+        proptest::collection::vec(0u32..4, 0..3),
+        proptest::collection::vec((0u32..4, any::<i32>()), 0..3),
+    )
+        .prop_map(|(ns, pids, stacks)| {
+            let stacks: Vec<Value> = stacks
+                .into_iter()
+                .map(|(pid, id)| json!({"pid": pid, "id": id}))
+                .collect();
+            Input::Forget(from_json(json!({"ns": ns, "pids": pids, "stacks": stacks})))
+        });
     prop_oneof![
         8 => kernel_event(era),
         3 => ns(era).prop_map(Input::Tick),
@@ -227,6 +239,7 @@ fn body_input(era: u64) -> impl Strategy<Value = Input> {
         1 => evidence,
         1 => stats(era),
         1 => exit,
+        1 => forget,
     ]
 }
 
