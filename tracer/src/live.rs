@@ -65,7 +65,13 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
             bail!("no process with pid {pid} (check the number with `ps -p {pid}`)");
         }
     }
-    crate::kernel::check_privileges()?;
+    let missing = crate::privileges::check()?;
+    // Other missing capabilities are warned about once, where they cost
+    // something; kernel stacks would only come unnamed, silently.
+    if args.kernel_stacks && missing.contains(crate::privileges::Optional::Syslog) {
+        log::warn!("kernel frames will not be named: kallsyms hides its addresses (grant CAP_SYSLOG)");
+    }
+    log::debug!("{missing}");
     let wall = WallClock::now();
     let leak_after_ns = args.leak_after.as_nanos() as u64;
     // Create the file before the (slow) load, so a bad path fails fast.

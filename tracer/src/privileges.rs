@@ -104,18 +104,9 @@ impl Optional {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Missing(Vec<Optional>);
 
-#[allow(dead_code)] // For live.rs, once it calls `check`.
 impl Missing {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub fn contains(&self, o: Optional) -> bool {
         self.0.contains(&o)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = Optional> + '_ {
-        self.0.iter().copied()
     }
 }
 
@@ -139,7 +130,6 @@ impl fmt::Display for Missing {
 /// needs to load its eBPF programs; otherwise returns the optional
 /// capabilities it runs without (evidence then goes missing, and
 /// [`denied`] says so when it does).
-#[allow(dead_code)] // Called from live.rs once it switches from kernel::check_privileges.
 pub fn check() -> anyhow::Result<Missing> {
     let Some(caps) = effective() else {
         // Without /proc/self/status the kernel is the judge: a refused
@@ -294,12 +284,6 @@ pub fn denied(kind: Denied, processes: usize) {
 /// something can stop once it has).
 pub fn warned(kind: Denied) -> bool {
     WARNED[kind.index()].load(Ordering::Relaxed)
-}
-
-/// Processes refused so far, of `kind`.
-#[allow(dead_code)] // For the summary's counters.
-pub fn denied_count(kind: Denied) -> u64 {
-    DENIED[kind.index()].load(Ordering::Relaxed)
 }
 
 fn denied_line(kind: Denied, processes: usize, caps: Option<Caps>) -> String {
@@ -484,6 +468,6 @@ mod tests {
         denied(Denied::Maps, 2);
         assert!(warned(Denied::Maps));
         denied(Denied::Maps, 1);
-        assert_eq!(denied_count(Denied::Maps), 3);
+        assert_eq!(DENIED[Denied::Maps.index()].load(Ordering::Relaxed), 3);
     }
 }

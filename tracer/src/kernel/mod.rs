@@ -7,7 +7,7 @@ pub mod tracefs;
 
 use std::os::fd::AsRawFd;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, TracePoint},
@@ -295,26 +295,4 @@ fn raise_memlock() {
     };
     // SAFETY: plain syscall with a valid struct.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
-}
-
-/// Refuses early, with the fix, when we clearly lack the privileges.
-pub fn check_privileges() -> Result<()> {
-    // SAFETY: geteuid has no failure mode.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(());
-    }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    const CAP_SYS_ADMIN: u64 = 21;
-    const CAP_PERFMON: u64 = 38;
-    const CAP_BPF: u64 = 39;
-    let has = |c: u64| cap_eff & (1 << c) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        return Ok(());
-    }
-    bail!("tracer needs root to load eBPF programs: run it with sudo (or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")
 }

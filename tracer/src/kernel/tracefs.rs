@@ -9,8 +9,13 @@ const MOUNT_POINT: &str = "/sys/kernel/tracing";
 
 pub fn ensure_mounted() -> Result<()> {
     for p in [MOUNT_POINT, "/sys/kernel/debug/tracing"] {
-        if Path::new(p).join("events").is_dir() {
-            return Ok(());
+        match std::fs::metadata(Path::new(p).join("events")) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            // Mounted, but mode 0700 (the default) and we are not root.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
+                "tracefs ({p}) is not readable: grant CAP_DAC_READ_SEARCH (see README, Requirements)"
+            ),
+            _ => {}
         }
     }
     let target = std::ffi::CString::new(MOUNT_POINT).expect("no NUL");
