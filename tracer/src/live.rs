@@ -72,6 +72,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         log::warn!("kernel frames will not be named: kallsyms hides its addresses (grant CAP_SYSLOG)");
     }
     log::debug!("{missing}");
+    raise_nofile();
     let wall = WallClock::now();
     let leak_after_ns = args.leak_after.as_nanos() as u64;
     // Create the file before the (slow) load, so a bad path fails fast.
@@ -305,6 +306,20 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInpu
             .collect();
     }
     Ok(SnapshotInput { ns, sockets: snap })
+}
+
+/// The agent keeps an fd per cached process (`/proc/PID/mem`) besides its
+/// maps, programs and the files it symbolizes: more than the usual soft
+/// limit of 1024 on a busy host. The hard limit is the administrator's.
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Gives the heap's free pages back to the kernel. Start-up parses the

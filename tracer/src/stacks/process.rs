@@ -15,8 +15,11 @@ use crate::privileges::{self, Denied};
 /// again (a pid can be reused).
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// Bound on cached processes; the least recently checked go first.
-const CAP: usize = 4096;
+/// Bound on cached processes; the least recently checked go first. Each
+/// holds its `/proc/PID/mem` open: the bound keeps the agent well inside
+/// its fd limit, and its memory flat over thousands of short-lived
+/// processes.
+const CAP: usize = 1024;
 
 /// An executable mapping.
 #[derive(Clone, Debug)]
