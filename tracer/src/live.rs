@@ -312,7 +312,10 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInpu
 /// maps, programs and the files it symbolizes: more than the usual soft
 /// limit of 1024 on a busy host. The hard limit is the administrator's.
 fn raise_nofile() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain syscalls with a valid struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {

@@ -12,9 +12,9 @@ pub fn ensure_mounted() -> Result<()> {
         match std::fs::metadata(Path::new(p).join("events")) {
             Ok(m) if m.is_dir() => return Ok(()),
             // Mounted, but mode 0700 (the default) and we are not root.
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
-                "tracefs ({p}) is not readable: grant CAP_DAC_READ_SEARCH (see README, Requirements)"
-            ),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                anyhow::bail!("tracefs ({p}) is not readable: grant CAP_DAC_READ_SEARCH (see README, Requirements)")
+            }
             _ => {}
         }
     }
