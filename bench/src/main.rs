@@ -208,21 +208,11 @@ fn main() -> ExitCode {
 /// Ok(false): the table was written but a run of the baseline or the
 /// tracer failed.
 fn run(cli: Cli) -> Result<bool> {
-    let loadgen = match &cli.loadgen {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("finding our own executable")?
-            .with_file_name("loadgen"),
-    };
-    for (what, p) in [("tracer", &cli.tracer), ("loadgen", &loadgen)] {
-        if !p.is_file() {
-            bail!("{what} not found at {}", p.display());
-        }
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the tracer and the peer tools load eBPF programs: run as root");
-    }
+    let loadgen = tracer_bench::check_binaries(
+        &cli.tracer,
+        cli.loadgen.as_deref(),
+        "the tracer and the peer tools load eBPF programs",
+    )?;
     let settings = Settings {
         quick: cli.quick,
         runs: cli.runs.unwrap_or(if cli.quick { 2 } else { 5 }).max(1),

@@ -57,20 +57,11 @@ pub fn run_prepared(env: &Prepared, args: Args) -> Result<()> {
     if args.install_peers {
         install_peers()?;
     }
-    run_step(
-        "build",
-        env.cargo()
-            .args(["build", "--release", "-p", "tracer", "-p", "tracer-bench"]),
-    )?;
-    let target = util::target_dir(env.cargo())?;
-    let release = target.join("release");
-    for bin in ["tracer", "tracer-bench", "loadgen"] {
-        ensure!(
-            release.join(bin).is_file(),
-            "step 'build' failed: {} was not produced",
-            release.join(bin).display()
-        );
-    }
+    let release = util::build_release_bench(|| env.cargo(), &["tracer", "tracer-bench", "loadgen"])?;
+    let target = release
+        .parent()
+        .expect("release is in the target directory")
+        .to_path_buf();
     // Children run from the workspace root: make a relative --out relative
     // to where the user is.
     let out = match args.out {

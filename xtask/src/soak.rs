@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{ensure, Context, Result};
 
 use crate::setup;
-use crate::util::{self, run_step};
+use crate::util;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -36,20 +36,11 @@ pub fn run(args: Args) -> Result<i32> {
         util::is_root(),
         "the soak runs the tracer, which loads eBPF programs: run it as root"
     );
-    run_step(
-        "build",
-        env.cargo()
-            .args(["build", "--release", "-p", "tracer", "-p", "tracer-bench"]),
-    )?;
-    let target = util::target_dir(env.cargo())?;
-    let release = target.join("release");
-    for bin in ["tracer", "tracer-soak", "loadgen"] {
-        ensure!(
-            release.join(bin).is_file(),
-            "step 'build' failed: {} was not produced",
-            release.join(bin).display()
-        );
-    }
+    let release = util::build_release_bench(|| env.cargo(), &["tracer", "tracer-soak", "loadgen"])?;
+    let target = release
+        .parent()
+        .expect("release is in the target directory")
+        .to_path_buf();
     let mut cmd = env.command(release.join("tracer-soak"));
     cmd.arg("--tracer")
         .arg(release.join("tracer"))

@@ -174,3 +174,21 @@ pub fn target_dir(mut cargo: Command) -> Result<PathBuf> {
         .context("cargo metadata output has no target_directory")?;
     Ok(PathBuf::from(dir))
 }
+
+/// Builds the release `tracer` and the bench crate, and returns the release
+/// directory once each of `bins` is there.
+pub fn build_release_bench(cargo: impl Fn() -> Command, bins: &[&str]) -> Result<PathBuf> {
+    run_step(
+        "build",
+        cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-bench"]),
+    )?;
+    let release = target_dir(cargo())?.join("release");
+    for bin in bins {
+        anyhow::ensure!(
+            release.join(bin).is_file(),
+            "step 'build' failed: {} was not produced",
+            release.join(bin).display()
+        );
+    }
+    Ok(release)
+}

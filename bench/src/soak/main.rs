@@ -142,21 +142,7 @@ impl Sampler {
 }
 
 fn run(cli: &Cli) -> Result<Vec<String>> {
-    let loadgen = match &cli.loadgen {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("finding our own executable")?
-            .with_file_name("loadgen"),
-    };
-    for (what, p) in [("tracer", &cli.tracer), ("loadgen", &loadgen)] {
-        if !p.is_file() {
-            bail!("{what} not found at {}", p.display());
-        }
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the tracer loads eBPF programs: run as root");
-    }
+    let loadgen = tracer_bench::check_binaries(&cli.tracer, cli.loadgen.as_deref(), "the tracer loads eBPF programs")?;
     if !(cli.minutes.is_finite() && cli.minutes > 0.0) {
         bail!("--minutes must be positive");
     }
