@@ -208,7 +208,7 @@ impl StackSymbolizer {
         (self.ids.by_content.len(), self.ids.cap)
     }
 
-    /// Stacks the analysis no longer holds ([`crate::engine::Engine::unreferenced`]).
+    /// Stacks the analysis no longer holds (nothing tracked refers to them).
     pub fn forget(&mut self, keys: &[StackKey]) {
         for k in keys {
             self.ids.forget(k.id);
