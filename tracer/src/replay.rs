@@ -6,7 +6,7 @@
 //! (sockets, names, stacks), never the size of the files.
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     fs::File,
     io::{self, IsTerminal, Read},
     path::PathBuf,
@@ -20,7 +20,7 @@ use crate::{
     clock::WallClock,
     correlate::Correlator,
     engine::Engine,
-    input::Input,
+    input::{Input, StackKey},
     kernel::KernelStats,
     record::{
         codec::{self, SnapshotPart},
@@ -76,6 +76,7 @@ impl<R: Read> Replay<R> {
             progress: warn && io::stderr().is_terminal(),
             counters_done: KernelStats::default(),
             first_snapshot: None,
+            stack_ids: StackIds::default(),
         }
     }
 }
@@ -98,6 +99,61 @@ pub struct Inputs<R> {
     counters_done: KernelStats,
     /// Sockets in the first start-up snapshot.
     first_snapshot: Option<u64>,
+    stack_ids: StackIds,
+}
+
+/// Stack ids restart in each recording, so the same id in two files is
+/// two stacks (kernel stacks, pid 0, always collide). Ids are renumbered
+/// per file, so that a leak still open from an earlier file keeps its own
+/// stack. Forgotten ids (`forget` records) leave the table: it stays as
+/// bounded as the agent's.
+#[derive(Default)]
+struct StackIds {
+    file: u32,
+    ids: HashMap<(u32, i32), i32>,
+    next: i32,
+}
+
+impl StackIds {
+    /// Error codes (negative) are not ids.
+    fn id(&mut self, id: i32) -> i32 {
+        if id < 0 {
+            return id;
+        }
+        let next = &mut self.next;
+        *self.ids.entry((self.file, id)).or_insert_with(|| {
+            *next = if *next == i32::MAX { 0 } else { *next + 1 };
+            *next
+        })
+    }
+
+    fn forget(&mut self, id: i32) -> Option<i32> {
+        self.ids.remove(&(self.file, id))
+    }
+
+    fn renumber(&mut self, input: Input) -> Input {
+        match input {
+            Input::Kernel(mut ev) => {
+                let h = ev.header_mut();
+                h.ustack = self.id(h.ustack);
+                h.kstack = self.id(h.kstack);
+                Input::Kernel(ev)
+            }
+            Input::Stack(mut s) => {
+                s.key.id = self.id(s.key.id);
+                Input::Stack(s)
+            }
+            Input::Forget(mut f) => {
+                f.stacks = f
+                    .stacks
+                    .into_iter()
+                    .filter_map(|k| self.forget(k.id).map(|id| StackKey { pid: k.pid, id }))
+                    .collect();
+                Input::Forget(f)
+            }
+            other => other,
+        }
+    }
 }
 
 /// The file being read.
@@ -207,7 +263,7 @@ impl<R: Read> Inputs<R> {
                     self.first_snapshot.get_or_insert(p.total);
                     Input::Snapshot(s)
                 }
-                other => other,
+                other => self.stack_ids.renumber(other),
             };
             return Ok(Some(input));
         }
@@ -233,6 +289,7 @@ impl<R: Read> Inputs<R> {
             );
         }
         self.info.files.push(reader.path.clone());
+        self.stack_ids.file += 1;
         self.file = Some(FileRead {
             reader,
             records: 0,

@@ -223,3 +223,57 @@ fn a_leak_closed_by_its_owner_is_a_late_close() {
     );
     assert!(summary(&out)["leaks"].as_array().unwrap().is_empty());
 }
+
+/// A socket of `pid` whose connect carries user stack `ustack` and kernel
+/// stack `kstack`, in CLOSE_WAIT from `fin_ns`.
+fn leak_with_stacks(ns: u64, fin_ns: u64, pid: u32, cookie: u64, ustack: i32, kstack: i32) -> Vec<Input> {
+    let mut inputs = connect_then_fin(ns, fin_ns, pid, cookie);
+    if let Input::Kernel(crate::decode::Event::State(s)) = &mut inputs[0] {
+        s.header.ustack = ustack;
+        s.header.kstack = kstack;
+    }
+    inputs
+}
+
+fn named_stack(pid: u32, id: i32, symbol: &str) -> Input {
+    let kernel = pid == 0;
+    Input::Stack(
+        serde_json::from_value(serde_json::json!({
+            "key": {"pid": pid, "id": id},
+            "frames": {"Ok": [{
+                "ip": "0x1000", "symbol": symbol, "module": null, "offset": null, "file": null,
+                "line": null, "kernel": kernel, "kind": if kernel { "kernel" } else { "native" }
+            }]},
+        }))
+        .expect("a stack input"),
+    )
+}
+
+#[test]
+fn stack_ids_of_several_files_never_mix() {
+    // Both recordings number their stacks from 1: the same ids, other
+    // stacks. The first file's leak is still open when the second is read.
+    let mut a = vec![named_stack(7, 1, "a_user"), named_stack(0, 2, "a_kernel")];
+    a.extend(leak_with_stacks(SEC, SEC, 7, 1, 1, 2));
+    a.push(end(3 * SEC));
+    let mut b = vec![named_stack(8, 1, "b_user"), named_stack(0, 2, "b_kernel")];
+    b.extend(leak_with_stacks(10 * SEC, 10 * SEC, 8, 2, 1, 2));
+    b.push(end(12 * SEC));
+    let (a, b) = (write(&header(1000), &a, 4), write(&header(1000), &b, 4));
+    let out = report(&[&a, &b], None).unwrap();
+    let leaks = summary(&out)["leaks"].as_array().cloned().unwrap_or_default();
+    let symbols = |cookie: u64| -> Vec<String> {
+        let leak = leaks
+            .iter()
+            .find(|l| l["cookie"].as_u64() == Some(cookie))
+            .unwrap_or_else(|| panic!("no leak {cookie}: {leaks:?}"));
+        leak["open_stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["symbol"].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    assert_eq!(symbols(1), ["a_user", "a_kernel"]);
+    assert_eq!(symbols(2), ["b_user", "b_kernel"]);
+}
