@@ -94,7 +94,9 @@ impl Optional {
             Optional::SysPtrace => {
                 "other users' holders, fds and Java frames, and the caller of libc's syscall wrappers in their stacks"
             }
-            Optional::CheckpointRestore => "the names of native frames (module+offset only)",
+            Optional::CheckpointRestore => {
+                "native frames named from the mapped file itself (/proc/PID/maps paths are used instead)"
+            }
             Optional::Syslog => "the names of kernel frames (--kernel-stacks)",
         }
     }
@@ -244,7 +246,9 @@ impl Denied {
             Denied::Names => "their names (comm) are missing from leaks and holders",
             Denied::Mem => "their stacks have no Java frames and lack the caller of libc's syscall wrappers",
             Denied::Maps => "their stacks may stop early (return addresses cannot be checked)",
-            Denied::MapFiles => "their native frames are not named (module+offset only)",
+            Denied::MapFiles => {
+                "their native frames are named from the paths in /proc/PID/maps instead (wrong for a binary replaced on disk since it started)"
+            }
         }
     }
 

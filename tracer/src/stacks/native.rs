@@ -12,6 +12,7 @@ use blazesym::{
 };
 
 use super::{Frame, FrameKind};
+use crate::privileges::{self, Denied};
 
 /// Processes symbolized before blazesym's caches are renewed. Its parsed
 /// files are shared by all processes, but it also remembers each
@@ -53,6 +54,10 @@ impl NativeSymbolizer {
     pub fn user(&self, pid: u32, ips: &[u64], is_return: &[bool], perf_map: bool) -> Vec<Frame> {
         let mut p = Process::new(Pid::from(pid));
         p.perf_map = perf_map;
+        // Without access to map_files (CAP_CHECKPOINT_RESTORE), the paths
+        // /proc/PID/maps names, opened from here, are the next best: wrong
+        // only for a binary replaced on disk since the process started.
+        p.map_files = !privileges::warned(Denied::MapFiles);
         let frames = self.symbolize(&Source::Process(p), ips, is_return, FrameKind::Native);
         if perf_map
             && frames
