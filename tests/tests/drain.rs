@@ -119,8 +119,10 @@ fn slow_evidence_does_not_stop_the_drain() {
     };
 
     // The gathering was slow: the leaks waited for it (else the debug hook
-    // is missing, e.g. a release build of the tracer was given), and were
-    // reported as of the sweep they were due at.
+    // is missing, e.g. a release build of the tracer was given). This test
+    // is host-wide: it assumes no other test leaks sockets meanwhile (each
+    // test file runs on its own), since another leak's gathering would
+    // shift when ours are swept.
     let leak = of_pid("leak", stays.pid());
     assert_eq!(leak.len(), 1, "the staying leak is reported once\n{ctx}");
     let at = lines
@@ -137,10 +139,6 @@ fn slow_evidence_does_not_stop_the_drain() {
         before >= leaks_start_ms + DELAY.as_millis() as u64,
         "the leak was printed {before} ms into the trace, before the {DELAY:?} gathering could end: \
          is TRACER_BIN a debug build (the delay hook exists only there)?\n{ctx}"
-    );
-    assert!(
-        leak[0]["close_wait_ms"].as_u64().unwrap_or(0) < DELAY.as_millis() as u64,
-        "{ctx}"
     );
     // ... and it came with its evidence, which matches the kernel's view.
     let leak = Leak::from_json(leak[0]);
