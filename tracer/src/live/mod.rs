@@ -3,9 +3,12 @@
 //! names, symbolized stacks and leak-time evidence become [`Input`]s; each
 //! is recorded (if recording) and fed to the one [`Engine`].
 
+mod evidence_job;
+mod session;
+
 use std::{
-    collections::{HashMap, HashSet},
-    io::{self, IsTerminal, Write},
+    collections::HashSet,
+    io::{self, IsTerminal},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::PathBuf,
     time::Duration,
@@ -15,22 +18,21 @@ use anyhow::{bail, Context as _, Result};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
-    task::JoinHandle,
     time::{interval, Instant, MissedTickBehavior},
 };
-use tracer_common::tcp;
+
+use evidence_job::wait_evidence;
+use session::Session;
 
 use crate::{
     cli::TraceArgs,
     clock::{self, WallClock},
     correlate::Correlator,
-    decode::{decode_record, Event, Record},
     engine::Engine,
-    evidence::{self, Evidence},
-    input::{EndInput, EvidenceInput, ExitInput, Input, ProcessInput, SnapshotInput, StackInput, StatsInput},
+    input::{ExitInput, Input, ProcessInput, SnapshotInput},
     kernel::{Kernel, LoadOptions},
     procs::{self, ProcNames},
-    record::writer::{Header, HeaderOptions, Recorder, Written},
+    record::writer::{Header, HeaderOptions, Recorder},
     sink::{self, Sink, Start},
     snapshot,
     stacks::StackSymbolizer,
@@ -342,310 +344,4 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd> {
     }
     // SAFETY: the kernel just gave us this fd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// An evidence gathering running on a worker thread: a sock_diag dump and
-/// a scan of every process's fds take long on a big host, and the ring
-/// buffer must keep being drained meanwhile.
-struct EvidenceJob {
-    /// The sweep time the gathering is for.
-    ns: u64,
-    handle: JoinHandle<HashMap<u64, Evidence>>,
-}
-
-fn spawn_evidence(cookies: HashSet<u64>, ns: u64) -> EvidenceJob {
-    let handle = tokio::task::spawn_blocking(move || {
-        // Lets a test show that a slow gathering does not stop the drain.
-        #[cfg(debug_assertions)]
-        if let Some(ms) = std::env::var("TRACER_TEST_EVIDENCE_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            std::thread::sleep(Duration::from_millis(ms));
-        }
-        evidence::gather(&cookies)
-    });
-    EvidenceJob { ns, handle }
-}
-
-/// The sweep time and result of the running evidence job, when it ends.
-async fn wait_evidence(job: &mut Option<EvidenceJob>) -> (u64, HashMap<u64, Evidence>) {
-    let Some(j) = job.as_mut() else {
-        return std::future::pending().await;
-    };
-    let ns = j.ns;
-    let found = (&mut j.handle).await.unwrap_or_else(|e| {
-        log::warn!("gathering leak evidence failed: {e}");
-        HashMap::new()
-    });
-    *job = None;
-    (ns, found)
-}
-
-struct Session {
-    engine: Engine,
-    sink: Box<dyn Sink>,
-    recorder: Option<Recorder>,
-    names: ProcNames,
-    stacks: StackSymbolizer,
-    /// Inputs waiting to be recorded and analysed, in order.
-    inputs: Vec<Input>,
-    /// Stacks named for the event being drained (reused buffer).
-    named: Vec<StackInput>,
-    decode_errors: u64,
-    /// The recording reached its size limit.
-    full: bool,
-    last_stats: Option<crate::kernel::KernelStats>,
-    last_evidence_ns: u64,
-    evidence_job: Option<EvidenceJob>,
-}
-
-impl Session {
-    /// Records and analyses the queued inputs. While evidence is being
-    /// gathered they stay queued (the ring buffer is still drained): the
-    /// sweep the evidence is for must come before them, exactly as if the
-    /// gathering had been instant, or a leak whose owner closes it or exits
-    /// meanwhile would be reported neither as a leak nor as a late close.
-    fn flush_inputs(&mut self) -> io::Result<()> {
-        if self.evidence_job.is_some() {
-            if self.inputs.len() < HOLD_CAP {
-                return Ok(());
-            }
-            // Waiting longer would hold too much: the leaks due are
-            // reported now, without the evidence.
-            let job = self.evidence_job.take().expect("checked above");
-            log::warn!(
-                "leak evidence took too long to gather ({} events waited): leaks reported without it",
-                self.inputs.len()
-            );
-            self.inputs.insert(0, Input::Tick(job.ns));
-        }
-        for input in self.inputs.drain(..) {
-            if let Some(r) = self.recorder.as_mut() {
-                // Once full, only the final counters and the End record go
-                // in (room is kept), so the file still ends cleanly.
-                if !self.full || matches!(input, Input::End(_) | Input::Stats(_)) {
-                    if let Written::Full = r.write(&input)? {
-                        self.full = true;
-                    }
-                }
-            }
-            self.engine.feed(&input, self.sink.as_mut())?;
-        }
-        self.sink.flush()
-    }
-
-    /// Reads everything waiting in the ring buffer. No allocation per
-    /// event beyond the input queue, unless `--events` prints each one.
-    fn drain(&mut self, kernel: &mut Kernel) -> io::Result<()> {
-        kernel.flush_logs();
-        loop {
-            // The item borrows the ring buffer: decode (a copy) and let go.
-            let decoded = match kernel.events.next() {
-                Some(item) => decode_record(&item),
-                None => break,
-            };
-            let mut ev = match decoded {
-                Ok(Record::Event(ev)) => ev,
-                Ok(Record::UserStack(w)) => {
-                    self.stacks.walked(w);
-                    continue;
-                }
-                Ok(Record::KernelStack(k)) => {
-                    self.stacks.kernel_copied(k);
-                    continue;
-                }
-                Err(e) => {
-                    self.decode_errors += 1;
-                    if self.decode_errors == 1 {
-                        log::warn!("undecodable event: {e} (counted in the summary)");
-                    }
-                    continue;
-                }
-            };
-            // Owners' names and stacks are read now, while they still run.
-            let owner = match &ev {
-                Event::State(s) => s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT,
-                Event::Accept(_) => true,
-                Event::Close(_) => false,
-            };
-            if owner {
-                let pid = ev.header().tgid;
-                if let Some(info) = self.names.learn(pid) {
-                    self.inputs.push(Input::Process(ProcessInput { pid, info }));
-                }
-            }
-            if owner || matches!(ev, Event::Close(_)) {
-                self.stacks.learn(ev.header_mut(), &mut self.named);
-                self.inputs.extend(self.named.drain(..).map(Input::Stack));
-            }
-            self.inputs.push(Input::Kernel(ev));
-            if self.inputs.len() >= 1024 {
-                self.flush_inputs()?;
-            }
-        }
-        self.flush_inputs()
-    }
-
-    /// Time passes. Evidence for the leaks about to be reported is read
-    /// first (on a worker), so it is recorded ahead of the tick that
-    /// reports them.
-    fn tick(&mut self, kernel: &Kernel, now: u64) -> io::Result<()> {
-        self.push_stats(kernel);
-        // While evidence is being gathered the clock is not advanced, so
-        // due leaks wait (and are reported together, with it) instead of
-        // being reported without their evidence.
-        if self.evidence_job.is_some() {
-            return self.flush_inputs();
-        }
-        let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
-        if !due.is_empty() {
-            // At most one gathering per EVIDENCE_EVERY.
-            if now.saturating_sub(self.last_evidence_ns) >= EVIDENCE_EVERY.as_nanos() as u64 {
-                self.last_evidence_ns = now;
-                self.evidence_job = Some(spawn_evidence(due, now));
-            }
-            return self.flush_inputs();
-        }
-        self.advance_clock(now)
-    }
-
-    /// The evidence gathered for the sweep at `ns`: recorded, then the
-    /// sweep that reports those leaks, then what was drained meanwhile.
-    fn evidence_done(&mut self, (ns, found): (u64, HashMap<u64, Evidence>)) -> io::Result<()> {
-        let mut first = Vec::with_capacity(1);
-        if !found.is_empty() {
-            first.push(Input::Evidence(EvidenceInput {
-                ns,
-                items: found.into_iter().collect(),
-            }));
-        }
-        self.inputs.splice(0..0, first);
-        self.advance_clock_before_queued(ns)
-    }
-
-    fn advance_clock(&mut self, now: u64) -> io::Result<()> {
-        self.inputs.push(Input::Tick(now));
-        self.after_tick(now)
-    }
-
-    /// A tick ahead of the inputs already queued (they came after it).
-    fn advance_clock_before_queued(&mut self, ns: u64) -> io::Result<()> {
-        let at = self
-            .inputs
-            .iter()
-            .take_while(|i| matches!(i, Input::Evidence(_)))
-            .count();
-        self.inputs.insert(at, Input::Tick(ns));
-        self.after_tick(ns)
-    }
-
-    fn after_tick(&mut self, now: u64) -> io::Result<()> {
-        self.flush_inputs()?;
-        // Right after the tick: every stack and name fed so far has had
-        // its event fed too (they come just before it).
-        self.forget_unreferenced(now);
-        self.flush_inputs()?;
-        if let Some(r) = self.recorder.as_mut() {
-            r.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Keeps the names and stacks caches bounded: what no tracked socket
-    /// refers to is forgotten by the analysis and by the producers alike,
-    /// which send it again if it is needed later.
-    fn forget_unreferenced(&mut self, now: u64) {
-        if let Some(f) = self.engine.unreferenced(now) {
-            self.stacks.forget(&f.stacks);
-            self.names.forget(&f.pids);
-            self.inputs.push(Input::Forget(f));
-        }
-    }
-
-    /// Gathers evidence here and now: only where nothing is left to drain.
-    fn push_evidence(&mut self, cookies: HashSet<u64>, now: u64) {
-        if cookies.is_empty() {
-            return;
-        }
-        let items: Vec<_> = evidence::gather(&cookies).into_iter().collect();
-        if !items.is_empty() {
-            self.inputs.push(Input::Evidence(EvidenceInput { ns: now, items }));
-        }
-    }
-
-    /// Kernel counters, as an input only when they changed (drops must be
-    /// seen promptly, and marked in a recording where they happened).
-    fn push_stats(&mut self, kernel: &Kernel) {
-        if let Ok(k) = kernel.stats() {
-            if Some(k) != self.last_stats {
-                self.last_stats = Some(k);
-                self.inputs.push(Input::Stats(StatsInput {
-                    ns: clock::monotonic_ns(),
-                    kernel: k,
-                }));
-            }
-        }
-    }
-
-    fn status(&mut self, kernel: &Kernel, output: &Output) -> io::Result<()> {
-        self.push_stats(kernel);
-        self.flush_inputs()?;
-        let mut st = self.engine.status(clock::monotonic_ns());
-        let (held, cap) = self.stacks.held();
-        st.stacks_held = Some(held);
-        st.stacks_cap = Some(cap);
-        match output {
-            Output::Live { .. } => self.sink.status(&st)?,
-            Output::Record { .. } => {
-                let written = self.recorder.as_ref().map_or(0, |r| r.written);
-                let line = format!(
-                    "tracer: recording: {} events, {} sockets, {} leaked now, {} ring-buffer drops, {}",
-                    st.events,
-                    st.sockets_tracked,
-                    st.leaks_now,
-                    st.ringbuf_drops,
-                    size(written)
-                );
-                let mut err = io::stderr();
-                if err.is_terminal() {
-                    write!(err, "\r{line}\x1b[K")?;
-                } else {
-                    writeln!(err, "{line}")?;
-                }
-            }
-        }
-        self.sink.flush()
-    }
-
-    async fn finish(&mut self, kernel: &mut Kernel, reason: &'static str) -> io::Result<()> {
-        // Stop the producers; let a gathering under way end (the inputs
-        // queued behind it go after its sweep); then take everything the
-        // producers left.
-        kernel.stop();
-        if self.evidence_job.is_some() {
-            let found = wait_evidence(&mut self.evidence_job).await;
-            self.evidence_done(found)?;
-        }
-        self.drain(kernel)?;
-        let now = clock::monotonic_ns();
-        let mut cookies: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();
-        cookies.extend(self.engine.due_leaks(now));
-        self.push_evidence(cookies, now);
-        self.inputs.push(Input::Tick(now));
-        self.push_stats(kernel);
-        self.inputs.push(Input::End(EndInput {
-            ns: now,
-            reason: reason.into(),
-        }));
-        self.flush_inputs()?;
-        if let Some(r) = self.recorder.as_mut() {
-            r.flush()?;
-            if io::stderr().is_terminal() {
-                eprintln!();
-            }
-        }
-        let summary = self.engine.summary(reason, self.decode_errors, self.sink.as_mut())?;
-        self.sink.summary(&summary)
-    }
 }
