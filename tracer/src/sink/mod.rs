@@ -2,8 +2,12 @@
 //! to a [`Sink`], which only formats them.
 
 #[cfg(test)]
+mod golden_fixtures;
+#[cfg(test)]
 mod golden_tests;
 mod json;
+#[cfg(test)]
+mod json_docs_tests;
 mod text;
 
 use std::io;
