@@ -90,35 +90,65 @@ fn sock_of<'a>(socks: &'a [SockLine], e: &Evidence, ctx: &str) -> &'a SockLine {
         .unwrap_or_else(|| panic!("no SOCK line for {}: {}\n{ctx}", e.leak.local, e.leak.json))
 }
 
-#[test]
-fn full_set_finds_a_root_process_leak_with_fd_holders_and_stack() {
-    if !require_privileges() {
-        return;
-    }
-    let Some(setpriv) = require_setpriv() else { return };
-    let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", REPLY]);
+/// A root client leaking `count` sockets, traced with `--pid` by uid 65534
+/// with `caps`. Returns the server and the client (both still running,
+/// the client holding its sockets), the client's sockets, the tracer's
+/// output and the server's address.
+fn trace_root_leaks(setpriv: &std::path::PathBuf, caps: &[&str], count: usize) -> RootLeaks {
+    let (server, port) = spawn_server("127.0.0.1:0", &["--reply", REPLY]);
     let addr = format!("127.0.0.1:{port}");
-    // Root's client, held until the tracer watches it.
+    // Held until the tracer watches it.
+    let count_arg = count.to_string();
     let mut client = start_client(&[
         "--connect",
         &addr,
         "--count",
-        "2",
+        &count_arg,
         "--mode",
         "leak",
         "--wait-stdin-line",
     ]);
     let pid = client.pid().to_string();
     let mut tracer = run_reduced(
-        &setpriv,
-        &FULL_SET,
+        setpriv,
+        caps,
         &["--pid", &pid, "--leak-after", "1s", "--duration", "4s"],
     );
     wait_started(&mut tracer, START_TIMEOUT);
-    assert_runs_with(tracer.pid(), &FULL_SET);
+    assert_runs_with(tracer.pid(), caps);
     client.send_line("go");
-    let socks = wait_client_done(&mut client, 2);
+    let socks = wait_client_done(&mut client, count);
     let out = finish(tracer, EXIT_TIMEOUT);
+    RootLeaks {
+        _server: server,
+        client,
+        socks,
+        out,
+        addr,
+    }
+}
+
+struct RootLeaks {
+    _server: tracer_tests::Child,
+    client: tracer_tests::Child,
+    socks: Vec<SockLine>,
+    out: TracerOutput,
+    addr: String,
+}
+
+#[test]
+fn full_set_finds_a_root_process_leak_with_fd_holders_and_stack() {
+    if !require_privileges() {
+        return;
+    }
+    let Some(setpriv) = require_setpriv() else { return };
+    let RootLeaks {
+        _server: _server_alive,
+        client,
+        socks,
+        out,
+        addr,
+    } = trace_root_leaks(&setpriv, &FULL_SET, 2);
     let leaks = leaks_vs_ss(&out, &addr);
     let ctx = out.dump();
     assert_eq!(leaks.len(), 2, "{ctx}");
@@ -248,29 +278,9 @@ fn without_checkpoint_restore_native_frames_are_still_named() {
     }
     let Some(setpriv) = require_setpriv() else { return };
     let caps = full_set_without("checkpoint_restore");
-    let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", REPLY]);
-    let addr = format!("127.0.0.1:{port}");
-    let mut client = start_client(&[
-        "--connect",
-        &addr,
-        "--count",
-        "1",
-        "--mode",
-        "leak",
-        "--wait-stdin-line",
-    ]);
-    let pid = client.pid().to_string();
-    let mut tracer = run_reduced(
-        &setpriv,
-        &caps,
-        &["--pid", &pid, "--leak-after", "1s", "--duration", "4s"],
-    );
-    wait_started(&mut tracer, START_TIMEOUT);
-    assert_runs_with(tracer.pid(), &caps);
-    client.send_line("go");
-    wait_client_done(&mut client, 1);
-    let out = finish(tracer, EXIT_TIMEOUT);
-    let leaks = leaks_vs_ss(&out, &addr);
+    let run = trace_root_leaks(&setpriv, &caps, 1);
+    let (out, addr) = (&run.out, &run.addr);
+    let leaks = leaks_vs_ss(out, addr);
     let ctx = out.dump();
     assert_eq!(leaks.len(), 1, "{ctx}");
     let e = &leaks[0].0;
