@@ -19,6 +19,7 @@ mod emit;
 mod fdsock;
 mod kstack;
 mod maps;
+mod scratch;
 mod state;
 mod ustack;
 

@@ -11,27 +11,20 @@ use tracer_common::{stats, KernelStackEvent, UserStackEvent};
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
 /// Per CPU: where a kernel stack (`--kernel-stacks`) is copied before the
-/// valid part goes into `EVENTS` (see `kstack::capture`).
+/// valid part goes into `EVENTS` (see `scratch::send_built`).
 #[map]
-pub static KSTACK_SCRATCH: PerCpuArray<KstackScratch> = PerCpuArray::with_max_entries(1, 0);
-
-#[repr(C)]
-pub struct KstackScratch {
-    /// Non-zero while a program on this CPU is using `event`.
-    pub busy: u64,
-    pub event: KernelStackEvent,
-}
+pub static KSTACK_SCRATCH: PerCpuArray<Scratch<KernelStackEvent>> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: where the user-stack walk builds its record before the valid
-/// part is copied into `EVENTS` (see `ustack::walk`).
+/// part is copied into `EVENTS` (see `scratch::send_built`).
 #[map]
-pub static USTACK_SCRATCH: PerCpuArray<UstackScratch> = PerCpuArray::with_max_entries(1, 0);
+pub static USTACK_SCRATCH: PerCpuArray<Scratch<UserStackEvent>> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
-pub struct UstackScratch {
-    /// Non-zero while a program on this CPU is using `event`.
+pub struct Scratch<T> {
+    /// Non-zero while a program on this CPU is using `record`.
     pub busy: u64,
-    pub event: UserStackEvent,
+    pub record: T,
 }
 
 /// Per process and CPU: the theoretical arrival time of the process's next

@@ -14,7 +14,6 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
     cty::c_void,
     helpers::generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
 };
@@ -22,7 +21,7 @@ use tracer_common::{
     stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, USTACK_WALKED,
 };
 
-use crate::{maps, maps::Counters};
+use crate::{maps, maps::Counters, scratch};
 
 /// x86_64 `struct pt_regs` (the user registers saved at kernel entry; the
 /// layout is ABI, the same as ptrace's `user_regs_struct`): `bp` is at
@@ -48,39 +47,16 @@ const SLOT_METHOD: usize = 5;
 const SAVED_FP: usize = 8;
 const RET: usize = 9;
 
-const ENOSPC: i32 = 28;
-const EBUSY: i32 = 16;
-
 /// Walks and sends the current task's user stack for the event whose
 /// header is `h`. Returns the value for `h.ustack`: [`USTACK_WALKED`], or a
-/// counted stack error: `-ENOSPC` when the ring buffer had no room,
-/// `-EBUSY` when this CPU's scratch record was in use by a program this one
-/// preempted.
-///
-/// The walk fills a per-CPU scratch record and only its valid frames go
-/// into the ring buffer: most stacks are a few frames of the 127 a record
-/// has room for, and whole records (3 KiB) filled the ring in the bursts
-/// the stack budget allows.
+/// counted stack error (see `scratch::send_built`).
 #[inline(always)]
 pub fn walk(h: &Header, set: Counters) -> i32 {
-    let Some(slot) = maps::USTACK_SCRATCH.get_ptr_mut(0) else {
-        maps::count(set, stats::STACK_ERRORS);
-        return -ENOSPC;
-    };
-    // SAFETY: a per-CPU map value; programs that use it run to completion
-    // on this CPU once started (migration is disabled), so `busy`, set
-    // before the first write and cleared after the last read, keeps a
-    // program that preempted another from using the record at once.
-    unsafe {
-        if (*slot).busy != 0 {
-            maps::count(set, stats::STACK_ERRORS);
-            return -EBUSY;
-        }
-        (*slot).busy = 1;
-        let ev = &mut (*slot).event;
+    scratch::send_built(&maps::USTACK_SCRATCH, set, USTACK_WALKED, |ev| {
         ev.header = *h;
         ev.header.kind = EventKind::UserStack as u32;
-        let (nframes, end) = fill(&mut ev.frames, &mut ev.sp_words);
+        // SAFETY: see `fill`.
+        let (nframes, end) = unsafe { fill(&mut ev.frames, &mut ev.sp_words) };
         ev.nframes = nframes;
         ev.end = end;
         if end == walk_end::DEPTH {
@@ -91,17 +67,8 @@ pub fn walk(h: &Header, set: Counters) -> i32 {
         } else {
             nframes as usize
         };
-        let len = FRAMES_AT + n * core::mem::size_of::<UserFrame>();
-        let bytes = core::slice::from_raw_parts(ev as *const UserStackEvent as *const u8, len);
-        // The event that follows decides on waking the reader.
-        let sent = maps::EVENTS.output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64);
-        (*slot).busy = 0;
-        if sent.is_err() {
-            maps::count(set, stats::STACK_ERRORS);
-            return -ENOSPC;
-        }
-    }
-    USTACK_WALKED
+        Ok(FRAMES_AT + n * core::mem::size_of::<UserFrame>())
+    })
 }
 
 /// Where the frames start in a [`UserStackEvent`].
