@@ -29,3 +29,29 @@ pub fn check_binaries(tracer: &Path, given: Option<&Path>, why_root: &str) -> Re
     }
     Ok(loadgen)
 }
+
+/// Starts `loadgen server` with `threads` and `addrs`, and waits for the
+/// port it listens on.
+pub fn start_loadgen_server(loadgen: &Path, threads: usize, addrs: usize) -> Result<(procs::Proc, u16)> {
+    use procs::{OnParentDeath, Out, Proc};
+    let mut cmd = std::process::Command::new(loadgen);
+    cmd.args([
+        "server",
+        "--threads",
+        &threads.to_string(),
+        "--addrs",
+        &addrs.to_string(),
+    ]);
+    let mut server = Proc::spawn("loadgen server", cmd, false, Out::Null, OnParentDeath::Kill)?;
+    let mut port = None;
+    server.wait_until("READY", std::time::Duration::from_secs(30), |p| {
+        port = p.stderr_line("READY port=").and_then(|l| {
+            l.trim_start_matches("READY port=")
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u16>().ok())
+        });
+        port.is_some()
+    })?;
+    Ok((server, port.expect("checked")))
+}

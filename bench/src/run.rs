@@ -49,20 +49,8 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
     let addrs = s.addrs.to_string();
 
     // The server, and the port it listens on.
-    let mut cmd = Command::new(ctx.loadgen);
-    cmd.args(["server", "--threads", &threads, "--addrs", &addrs]);
-    let mut server = Proc::spawn("loadgen server", cmd, false, Out::Null, OnParentDeath::Kill)?;
-    let mut port = None;
-    server.wait_until("READY", Duration::from_secs(30), |p| {
-        port = p.stderr_line("READY port=").and_then(|l| {
-            l.trim_start_matches("READY port=")
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u16>().ok())
-        });
-        port.is_some()
-    })?;
-    let port = port.expect("checked").to_string();
+    let (mut server, port) = tracer_bench::start_loadgen_server(ctx.loadgen, s.threads, s.addrs)?;
+    let port = port.to_string();
 
     // An idle, unrelated process for --pid.
     let idle = match config.observer {

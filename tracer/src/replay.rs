@@ -76,7 +76,7 @@ impl<R: Read> Replay<R> {
             progress: warn && io::stderr().is_terminal(),
             counters_done: KernelStats::default(),
             first_snapshot: None,
-            stack_ids: StackIds::default(),
+            stack_ids: StackRenumbering::default(),
         }
     }
 }
@@ -99,7 +99,7 @@ pub struct Inputs<R> {
     counters_done: KernelStats,
     /// Sockets in the first start-up snapshot.
     first_snapshot: Option<u64>,
-    stack_ids: StackIds,
+    stack_ids: StackRenumbering,
 }
 
 /// Stack ids restart in each recording, so the same id in two files is
@@ -108,13 +108,13 @@ pub struct Inputs<R> {
 /// stack. Forgotten ids (`forget` records) leave the table: it stays as
 /// bounded as the agent's.
 #[derive(Default)]
-struct StackIds {
+struct StackRenumbering {
     file: u32,
     ids: HashMap<(u32, i32), i32>,
     next: i32,
 }
 
-impl StackIds {
+impl StackRenumbering {
     /// Error codes (negative) are not ids.
     fn id(&mut self, id: i32) -> i32 {
         if id < 0 {

@@ -167,23 +167,11 @@ fn run(cli: &Cli) -> Result<Vec<String>> {
 
     // The churn's server, then its client, which opens the idle connections
     // first and waits for "go".
-    let mut cmd = Command::new(&loadgen);
-    cmd.args(["server", "--threads", "1", "--addrs", "64"]);
-    let mut server = Proc::spawn("loadgen server", cmd, false, Out::Null, OnParentDeath::Kill)?;
-    let mut port = None;
-    server.wait_until("READY", Duration::from_secs(30), |p| {
-        port = p.stderr_line("READY port=").and_then(|l| {
-            l.trim_start_matches("READY port=")
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u16>().ok())
-        });
-        port.is_some()
-    })?;
+    let (mut server, port) = tracer_bench::start_loadgen_server(&loadgen, 1, 64)?;
     // The churn lasts as long as the leaking processes do.
     let churn_s = load.as_secs_f64() + cli.hold + 1.0;
     let mut cmd = Command::new(&loadgen);
-    cmd.args(["client", "--port", &port.expect("checked").to_string()])
+    cmd.args(["client", "--port", &port.to_string()])
         .args(["--addrs", "64", "--threads", "1", "--sync"])
         .args(["--rate", &cli.churn_rate.to_string()])
         .args(["--duration", &churn_s.to_string()]);

@@ -31,11 +31,10 @@ use crate::{
     engine::Engine,
     input::{ExitInput, Input, ProcessInput, SnapshotInput},
     kernel::{Kernel, LoadOptions},
-    procs::{self, ProcNames},
+    procs::{self},
     record::writer::{Header, HeaderOptions, Recorder},
     sink::{self, Sink, Start},
     snapshot,
-    stacks::StackSymbolizer,
 };
 
 /// How often the ring buffer is drained and the sweep runs. Wakeups from
@@ -103,24 +102,15 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         // Recording shows progress, not findings (`tracer report` does).
         Output::Record { .. } => Box::new(sink::NullSink),
     };
-    let mut s = Session {
-        engine: Engine::new(
+    let mut s = Session::new(
+        Engine::new(
             Correlator::new(leak_after_ns, args.pid, args.max_sockets),
             wall,
             matches!(output, Output::Live { events: true, .. }),
         ),
         sink,
         recorder,
-        names: ProcNames::new(65536),
-        stacks: StackSymbolizer::new(65536),
-        inputs: Vec::new(),
-        named: Vec::new(),
-        decode_errors: 0,
-        full: false,
-        last_stats: None,
-        last_evidence_ns: 0,
-        evidence_job: None,
-    };
+    );
 
     let snap = snapshot_inputs(&mut kernel, args.pid)?;
     let preexisting = snap.sockets.len();

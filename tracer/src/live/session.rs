@@ -30,20 +30,37 @@ pub(super) struct Session {
     pub(super) sink: Box<dyn Sink>,
     pub(super) recorder: Option<Recorder>,
     pub(super) names: ProcNames,
-    pub(super) stacks: StackSymbolizer,
+    stacks: StackSymbolizer,
     /// Inputs waiting to be recorded and analysed, in order.
     pub(super) inputs: Vec<Input>,
     /// Stacks named for the event being drained (reused buffer).
-    pub(super) named: Vec<StackInput>,
-    pub(super) decode_errors: u64,
+    named: Vec<StackInput>,
+    decode_errors: u64,
     /// The recording reached its size limit.
     pub(super) full: bool,
-    pub(super) last_stats: Option<crate::kernel::KernelStats>,
-    pub(super) last_evidence_ns: u64,
+    last_stats: Option<crate::kernel::KernelStats>,
+    last_evidence_ns: u64,
     pub(super) evidence_job: Option<EvidenceJob>,
 }
 
 impl Session {
+    pub(super) fn new(engine: Engine, sink: Box<dyn Sink>, recorder: Option<Recorder>) -> Self {
+        Session {
+            engine,
+            sink,
+            recorder,
+            names: ProcNames::new(65536),
+            stacks: StackSymbolizer::new(65536),
+            inputs: Vec::new(),
+            named: Vec::new(),
+            decode_errors: 0,
+            full: false,
+            last_stats: None,
+            last_evidence_ns: 0,
+            evidence_job: None,
+        }
+    }
+
     /// Records and analyses the queued inputs. While evidence is being
     /// gathered they stay queued (the ring buffer is still drained): the
     /// sweep the evidence is for must come before them, exactly as if the
@@ -154,36 +171,27 @@ impl Session {
     }
 
     /// The evidence gathered for the sweep at `ns`: recorded, then the
-    /// sweep that reports those leaks, then what was drained meanwhile.
+    /// sweep that reports those leaks, both ahead of what was drained
+    /// meanwhile (it came after them).
     pub(super) fn evidence_done(&mut self, (ns, found): (u64, HashMap<u64, Evidence>)) -> io::Result<()> {
-        let mut first = Vec::with_capacity(1);
+        let mut first = Vec::with_capacity(2);
         if !found.is_empty() {
             first.push(Input::Evidence(EvidenceInput {
                 ns,
                 items: found.into_iter().collect(),
             }));
         }
+        first.push(Input::Tick(ns));
         self.inputs.splice(0..0, first);
-        self.advance_clock_before_queued(ns)
+        self.after_tick(ns)
     }
 
-    pub(super) fn advance_clock(&mut self, now: u64) -> io::Result<()> {
+    fn advance_clock(&mut self, now: u64) -> io::Result<()> {
         self.inputs.push(Input::Tick(now));
         self.after_tick(now)
     }
 
-    /// A tick ahead of the inputs already queued (they came after it).
-    pub(super) fn advance_clock_before_queued(&mut self, ns: u64) -> io::Result<()> {
-        let at = self
-            .inputs
-            .iter()
-            .take_while(|i| matches!(i, Input::Evidence(_)))
-            .count();
-        self.inputs.insert(at, Input::Tick(ns));
-        self.after_tick(ns)
-    }
-
-    pub(super) fn after_tick(&mut self, now: u64) -> io::Result<()> {
+    fn after_tick(&mut self, now: u64) -> io::Result<()> {
         self.flush_inputs()?;
         // Right after the tick: every stack and name fed so far has had
         // its event fed too (they come just before it).
@@ -198,7 +206,7 @@ impl Session {
     /// Keeps the names and stacks caches bounded: what no tracked socket
     /// refers to is forgotten by the analysis and by the producers alike,
     /// which send it again if it is needed later.
-    pub(super) fn forget_unreferenced(&mut self, now: u64) {
+    fn forget_unreferenced(&mut self, now: u64) {
         if let Some(f) = self.engine.unreferenced(now) {
             self.stacks.forget(&f.stacks);
             self.names.forget(&f.pids);
@@ -207,7 +215,7 @@ impl Session {
     }
 
     /// Gathers evidence here and now: only where nothing is left to drain.
-    pub(super) fn push_evidence(&mut self, cookies: HashSet<u64>, now: u64) {
+    fn push_evidence(&mut self, cookies: HashSet<u64>, now: u64) {
         if cookies.is_empty() {
             return;
         }
@@ -219,7 +227,7 @@ impl Session {
 
     /// Kernel counters, as an input only when they changed (drops must be
     /// seen promptly, and marked in a recording where they happened).
-    pub(super) fn push_stats(&mut self, kernel: &Kernel) {
+    fn push_stats(&mut self, kernel: &Kernel) {
         if let Ok(k) = kernel.stats() {
             if Some(k) != self.last_stats {
                 self.last_stats = Some(k);
