@@ -149,9 +149,15 @@ pub struct RunResult {
     pub leaked_open: Option<u64>,
     pub idle_open: Option<u64>,
     pub kernel_generated: Option<u64>,
+    /// What the agent analysed (`stats.agent.events`).
     pub received: Option<u64>,
+    /// What it took from the ring buffer (`stats.delivered`, else
+    /// `received`), and what of that it could not decode.
+    pub delivered: Option<u64>,
+    pub decode_errors: Option<u64>,
     pub drops: Option<u64>,
-    /// Generated, but neither received nor counted as dropped.
+    /// Generated, but neither delivered (decoded or not) nor counted as
+    /// dropped.
     pub missing: Option<u64>,
     pub leaks_reported: Option<u64>,
     pub output_bytes: Option<u64>,
@@ -159,18 +165,29 @@ pub struct RunResult {
     pub agent_cpu_s: Option<f64>,
     /// From wait4: the whole life, shutdown included.
     pub agent_cpu_total_s: Option<f64>,
+    /// From the ready line to the exit (wait4): agent_cpu_load_s and the
+    /// shutdown (a fixed cost per run, left out of the headline).
+    pub agent_cpu_after_ready_s: Option<f64>,
     /// VmHWM just before SIGINT.
     pub agent_peak_rss_kib: Option<u64>,
     /// From the observer's start to its ready line (eBPF load, snapshot).
     pub agent_start_s: Option<f64>,
+    /// After the load, until the observer had caught up with it (its CPU
+    /// nearly idle), before it was sampled.
+    pub settle_s: Option<f64>,
     /// Kernel time in the observer's eBPF programs, just before SIGINT
     /// (charged to whatever task hit the hook, not to the agent).
     pub bpf_cpu_s: Option<f64>,
     pub bpf_runs: Option<u64>,
     /// The same two, counted from the observer's ready line only (the load,
-    /// without the start-up).
+    /// without the start-up); agent_cpu_load_s to the nanosecond (its CPU
+    /// clock), and the agent's share of the headline.
     pub agent_cpu_load_s: Option<f64>,
     pub bpf_cpu_load_s: Option<f64>,
+    /// Each eBPF program the observer held, by its name from the kernel, and
+    /// what it ran from the ready line to just before SIGINT (accounting
+    /// runs only): the eBPF share of the headline, per hook.
+    pub bpf_programs: Vec<procs::ProgRun>,
     pub notes: Vec<String>,
     pub error: Option<String>,
     /// Run with the kernel's eBPF accounting on, for the eBPF CPU column
@@ -340,10 +357,12 @@ fn run(cli: Cli) -> Result<bool> {
 
     let machine = report::Machine::probe();
     let rows = report::rows(&configs, &results);
+    let headline = report::headline(&configs, &results, &rows);
     let md = report::markdown(&report::Document {
         started,
         machine: &machine,
         settings: &settings,
+        headline: &headline,
         rows: &rows,
         skipped: &skipped,
         results: &results,
@@ -353,6 +372,10 @@ fn run(cli: Cli) -> Result<bool> {
         "machine": machine,
         "settings": settings,
         "skipped": skipped,
+        "headline": {
+            "references": report::REFERENCES,
+            "rows": headline,
+        },
         "rows": rows,
         "runs": results,
     });
@@ -409,6 +432,7 @@ fn configurations(s: &Settings, peers: Vec<Observer>, java: bool) -> Vec<Config>
         plain(Workload::Churn, Observer::Baseline),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Text)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Json)),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::Events)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Record)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::PidFilter)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::NoStacks)),

@@ -38,6 +38,9 @@ pub enum TracerKind {
     Text,
     /// `tracer live --json`, to a file.
     Json,
+    /// `tracer live --json --events`: every state change, accept and close
+    /// as a JSON line too (full fidelity), to a file.
+    Events,
     /// `tracer record -o FILE`.
     Record,
     /// `tracer live --json --pid PID` of an idle, unrelated process.
@@ -60,6 +63,13 @@ impl TracerKind {
     fn is_live_json(self) -> bool {
         !matches!(self, TracerKind::Text | TracerKind::Record)
     }
+
+    /// Every event reaches userspace and is kept (`record`, `live
+    /// --events`): held to the send-everything floor. The others only need
+    /// what leaks, and are held to the count-in-the-kernel one.
+    pub fn full_fidelity(self) -> bool {
+        matches!(self, TracerKind::Events | TracerKind::Record)
+    }
 }
 
 impl Observer {
@@ -69,6 +79,7 @@ impl Observer {
             Observer::Baseline => "baseline (no tracer)".into(),
             Observer::Tracer(TracerKind::Text) => format!("tracer live{extra} (text, host-wide)"),
             Observer::Tracer(TracerKind::Json) => format!("tracer live --json{extra}"),
+            Observer::Tracer(TracerKind::Events) => format!("tracer live --json --events{extra}"),
             Observer::Tracer(TracerKind::Record) => format!("tracer record{extra}"),
             Observer::Tracer(TracerKind::PidFilter) => format!("tracer live --json --pid <idle>{extra}"),
             Observer::Tracer(TracerKind::NoStacks) => format!("tracer live --json --no-stacks{extra}"),
@@ -113,7 +124,14 @@ enum Watch {
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
     pub kernel_generated: Option<u64>,
+    /// Everything the agent analysed (`stats.agent.events`): with sockets
+    /// followed in the kernel, also what it read from the kernel's maps.
     pub received: Option<u64>,
+    /// Records the agent took from the ring buffer (`stats.delivered`, where
+    /// the tracer says; else `received`), and those it could not decode:
+    /// with the drops, they add up to what the kernel generated.
+    pub delivered: Option<u64>,
+    pub decode_errors: Option<u64>,
     pub drops: Option<u64>,
     pub leaks_reported: Option<u64>,
     pub output_bytes: Option<u64>,
@@ -190,6 +208,9 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
             Some(s.tmp.join(format!("{}.jsonl", s.stem)))
         }
     };
+    if kind == TracerKind::Events {
+        cmd.arg("--events");
+    }
     if matches!(kind, TracerKind::NoStacks | TracerKind::ClientNoStacks) {
         cmd.arg("--no-stacks");
     }
@@ -290,9 +311,15 @@ impl Running {
                 let (text, start) = match kind {
                     TracerKind::Record => (report_json(tracer, path)?, None),
                     _ => {
-                        let text =
-                            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                        let start = text.lines().next().map(str::to_owned);
+                        let (start, tail) = first_and_last(path, TAIL_BYTES)?;
+                        // The summary is the last line; a summary longer
+                        // than the tail (many leaks) needs the whole file.
+                        let text = match summary_counters(&tail) {
+                            Ok(_) => tail,
+                            Err(_) => {
+                                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+                            }
+                        };
                         (text, start)
                     }
                 };
@@ -305,6 +332,38 @@ impl Running {
             }
         }
     }
+}
+
+/// How much of the end of `live --json`'s output is read for the summary
+/// (with `--events` the output is hundreds of MB).
+const TAIL_BYTES: u64 = 8 << 20;
+
+/// The first line of a file and its last `tail` bytes (from the start of a
+/// line, unless the first line is cut).
+fn first_and_last(path: &Path, tail: u64) -> Result<(Option<String>, String)> {
+    use std::io::{BufRead, Read, Seek, SeekFrom};
+    let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut first = String::new();
+    std::io::BufReader::new(&mut f)
+        .read_line(&mut first)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let from = len.saturating_sub(tail);
+    f.seek(SeekFrom::Start(from))
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if from > 0 {
+        // Start at a whole line.
+        text = text
+            .split_once('\n')
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap_or_default();
+    }
+    let first = first.trim_end().to_owned();
+    Ok(((!first.is_empty()).then_some(first), text))
 }
 
 /// `tracer report --json FILE`: replays the recording through the same
@@ -355,6 +414,8 @@ pub fn summary_counters(jsonl: &str) -> Result<Counters> {
         kernel_generated: num("/kernel/generated"),
         drops: num("/kernel/ringbuf_drops"),
         received: num("/agent/events"),
+        delivered: num("/delivered").or(num("/agent/events")),
+        decode_errors: num("/decode_errors"),
         leaks_reported: num("/agent/leaks_reported"),
         output_bytes: None,
         notes,
@@ -394,9 +455,46 @@ mod tests {
         assert_eq!(c.kernel_generated, Some(1000));
         assert_eq!(c.drops, Some(7));
         assert_eq!(c.received, Some(993));
+        assert_eq!(
+            c.delivered,
+            Some(993),
+            "without stats.delivered, what the agent analysed"
+        );
+        assert_eq!(c.decode_errors, Some(0));
         assert_eq!(c.leaks_reported, Some(4));
         assert_eq!(c.notes, vec!["stacks lost: 2".to_owned()]);
         assert!(summary_counters("{\"type\":\"start\"}\n").is_err());
+    }
+
+    #[test]
+    fn summary_from_the_end_of_a_long_output() {
+        let dir = std::env::temp_dir().join(format!("tracer-bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.jsonl");
+        let (start, rest) = OUTPUT.split_once('\n').unwrap();
+        let events = r#"{"type":"event","kind":"state"}"#.to_owned() + "\n";
+        std::fs::write(&path, format!("{start}\n{}{rest}", events.repeat(1000))).unwrap();
+        let (first, tail) = first_and_last(&path, 4096).unwrap();
+        assert_eq!(first.as_deref(), Some(start));
+        assert!(tail.len() <= 4096 && tail.starts_with(r#"{"type":"event""#), "{tail}");
+        assert_eq!(summary_counters(&tail).unwrap().received, Some(993));
+        let (_, whole) = first_and_last(&path, 1 << 20).unwrap();
+        assert!(whole.starts_with(start));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn delivered_apart_from_what_the_agent_analysed() {
+        // Default live follows sockets in the kernel: the agent also reads
+        // CLOSE_WAIT sockets from a map, so it analyses more than the ring
+        // buffer delivered.
+        let line = r#"{"type":"summary","stats":{"kernel":{"generated":180,"ringbuf_drops":0},"agent":{"events":262},"decode_errors":1,"delivered":179}}"#;
+        let c = summary_counters(line).unwrap();
+        assert_eq!(
+            (c.kernel_generated, c.received, c.delivered),
+            (Some(180), Some(262), Some(179))
+        );
+        assert_eq!(c.decode_errors, Some(1));
     }
 
     #[test]

@@ -400,6 +400,23 @@ pub fn sample(pid: i32) -> Sample {
     }
 }
 
+/// CPU time of a whole process so far (every thread, exited ones included),
+/// from its CPU-time clock (`clock_getcpuclockid`): to the nanosecond,
+/// where /proc/PID/stat counts in clock ticks (10 ms). None once it is gone.
+pub fn cpu_clock_seconds(pid: i32) -> Option<f64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: clock is a valid out-parameter.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid out-parameter.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
+}
+
 /// utime + stime (fields 14 and 15) of /proc/PID/stat, in seconds. The
 /// command name (field 2) may hold spaces and parentheses: count from the
 /// last ')'.
@@ -461,33 +478,58 @@ pub fn enable_bpf_stats() -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as c_int) })
 }
 
-/// Time the kernel spent running a process's eBPF programs (the ones it
-/// holds fds to), as accounted while stats are enabled.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct BpfTime {
-    pub seconds: f64,
-    pub runs: u64,
-    pub programs: usize,
+/// One eBPF program and what the kernel accounted for it (while stats are
+/// enabled): `run_time_ns` over `run_cnt` runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProgRun {
+    pub id: u64,
+    /// Its function's name from the program's BTF (whole, as `bpftool prog`
+    /// shows it); else the kernel's 15-character `name`; else `prog_<id>`.
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
 }
 
-pub fn bpf_run_time(pid: i32) -> Option<BpfTime> {
+/// The eBPF programs a process holds fds to, once each, by program id; None
+/// when it holds none (or is gone).
+pub fn bpf_programs(pid: i32) -> Option<Vec<ProgRun>> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?;
-    let mut seen = std::collections::HashSet::new();
-    let mut total = BpfTime::default();
+    let mut progs: Vec<ProgRun> = Vec::new();
     for entry in dir.flatten() {
         let Ok(info) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        if let Some((id, ns, runs)) = prog_stats(&info) {
-            // A program may be held by several fds.
-            if seen.insert(id) {
-                total.seconds += ns as f64 / 1e9;
-                total.runs += runs;
-                total.programs += 1;
-            }
+        // A program may be held by several fds.
+        if let Some((id, ns, runs)) = prog_stats(&info).filter(|(id, ..)| progs.iter().all(|p| p.id != *id)) {
+            progs.push(ProgRun {
+                id,
+                name: String::new(),
+                run_time_ns: ns,
+                run_cnt: runs,
+            });
         }
     }
-    (total.programs > 0).then_some(total)
+    for p in &mut progs {
+        p.name = prog_name(p.id).unwrap_or_else(|| format!("prog_{}", p.id));
+    }
+    progs.sort_by_key(|p| p.id);
+    (!progs.is_empty()).then_some(progs)
+}
+
+/// What each program ran between two readings of [`bpf_programs`] (by id;
+/// a program only in `after` counts from zero).
+pub fn prog_delta(before: &[ProgRun], after: &[ProgRun]) -> Vec<ProgRun> {
+    after
+        .iter()
+        .map(|a| {
+            let b = before.iter().find(|b| b.id == a.id);
+            ProgRun {
+                run_time_ns: a.run_time_ns.saturating_sub(b.map_or(0, |b| b.run_time_ns)),
+                run_cnt: a.run_cnt.saturating_sub(b.map_or(0, |b| b.run_cnt)),
+                ..a.clone()
+            }
+        })
+        .collect()
 }
 
 /// (prog_id, run_time_ns, run_cnt) of a program fd's fdinfo.
@@ -500,6 +542,159 @@ pub fn prog_stats(fdinfo: &str) -> Option<(u64, u64, u64)> {
     };
     // Links name their program too, but carry no run time.
     Some((field("prog_id:")?, field("run_time_ns:")?, field("run_cnt:")?))
+}
+
+// The bpf(2) commands used below, from include/uapi/linux/bpf.h.
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
+// Offsets in struct bpf_prog_info (stable: the struct only grows).
+const PROG_INFO_LEN: usize = 232;
+const PROG_INFO_NAME: usize = 64;
+const PROG_INFO_BTF_ID: usize = 128;
+const PROG_INFO_FUNC_INFO_REC_SIZE: usize = 132;
+const PROG_INFO_FUNC_INFO: usize = 136;
+const PROG_INFO_NR_FUNC_INFO: usize = 144;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, writable union bpf_attr of the size passed;
+    // any pointers in it (set by the callers) point to live buffers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// An fd of the program or BTF object with this id (needs CAP_SYS_ADMIN).
+fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // attr: { u32 id; u32 next_id; u32 open_flags; }
+    let mut attr = [u64::from(id), 0];
+    let fd = bpf(cmd, &mut attr)?;
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as c_int) })
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `info` (8-byte aligned).
+fn obj_info(fd: &std::os::fd::OwnedFd, info: &mut [u64]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // attr: { u32 bpf_fd; u32 info_len; u64 info; }
+    let len = std::mem::size_of_val(info) as u64;
+    let mut attr = [fd.as_raw_fd() as u32 as u64 | len << 32, info.as_mut_ptr() as u64];
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// A program's name as `bpftool prog` gives it: the name of its main
+/// function in the program's BTF (the kernel's own `name` is cut at 15
+/// characters, and `sys_enter_close_range` would read `sys_enter_close`),
+/// falling back on that `name`.
+pub fn prog_name(id: u64) -> Option<String> {
+    let fd = fd_by_id(BPF_PROG_GET_FD_BY_ID, u32::try_from(id).ok()?).ok()?;
+    let mut info = [0u64; PROG_INFO_LEN / 8];
+    // The first func_info record is the main function's (instruction 0).
+    let mut func = [0u32; 2];
+    {
+        let bytes = as_bytes_mut(&mut info);
+        bytes[PROG_INFO_FUNC_INFO_REC_SIZE..][..4].copy_from_slice(&8u32.to_ne_bytes());
+        bytes[PROG_INFO_FUNC_INFO..][..8].copy_from_slice(&(func.as_mut_ptr() as u64).to_ne_bytes());
+        bytes[PROG_INFO_NR_FUNC_INFO..][..4].copy_from_slice(&1u32.to_ne_bytes());
+    }
+    obj_info(&fd, &mut info).ok()?;
+    let bytes = as_bytes_mut(&mut info);
+    let short = {
+        let raw = &bytes[PROG_INFO_NAME..PROG_INFO_NAME + 16];
+        let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    };
+    let btf_id = u32_at(bytes, PROG_INFO_BTF_ID)?;
+    let nr_func_info = u32_at(bytes, PROG_INFO_NR_FUNC_INFO)?;
+    let full = (btf_id != 0 && nr_func_info > 0)
+        .then(|| btf_of(btf_id))
+        .flatten()
+        .and_then(|btf| btf_type_name(&btf, func[1]));
+    match full {
+        Some(name) if !name.is_empty() => Some(name),
+        _ => (!short.is_empty()).then_some(short),
+    }
+}
+
+fn as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u64s are plain bytes; the length is the same memory's.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
+}
+
+/// The raw BTF of a BTF object (header, types, strings).
+fn btf_of(btf_id: u32) -> Option<Vec<u8>> {
+    let fd = fd_by_id(BPF_BTF_GET_FD_BY_ID, btf_id).ok()?;
+    // struct bpf_btf_info: { u64 btf; u32 btf_size; u32 id; u64 name;
+    // u32 name_len; u32 kernel_btf; }: first its size, then the data.
+    let mut info = [0u64; 4];
+    obj_info(&fd, &mut info).ok()?;
+    let size = (info[1] & 0xffff_ffff) as usize;
+    if size == 0 || size > 64 << 20 {
+        return None;
+    }
+    let mut data = vec![0u64; size.div_ceil(8)];
+    let mut info = [data.as_mut_ptr() as u64, size as u64, 0, 0];
+    obj_info(&fd, &mut info).ok()?;
+    let mut bytes = as_bytes_mut(&mut data).to_vec();
+    bytes.truncate(size);
+    Some(bytes)
+}
+
+/// The name of BTF type `id` (1-based) in raw BTF: walks the type section,
+/// whose records have a kind-dependent length.
+pub fn btf_type_name(btf: &[u8], id: u32) -> Option<String> {
+    if btf.get(0..2)? != 0xeb9f_u16.to_le_bytes() || id == 0 {
+        return None;
+    }
+    let hdr_len = u32_at(btf, 4)? as usize;
+    let (type_off, type_len) = (u32_at(btf, 8)? as usize, u32_at(btf, 12)? as usize);
+    let (str_off, str_len) = (u32_at(btf, 16)? as usize, u32_at(btf, 20)? as usize);
+    let types = btf.get(hdr_len + type_off..hdr_len + type_off + type_len)?;
+    let strings = btf.get(hdr_len + str_off..hdr_len + str_off + str_len)?;
+    let mut at = 0;
+    let mut n = 1;
+    while at + 12 <= types.len() {
+        let name_off = u32_at(types, at)? as usize;
+        let info = u32_at(types, at + 4)?;
+        if n == id {
+            let s = strings.get(name_off..)?;
+            let end = s.iter().position(|b| *b == 0)?;
+            return Some(String::from_utf8_lossy(&s[..end]).into_owned());
+        }
+        let vlen = (info & 0xffff) as usize;
+        let extra = match (info >> 24) & 0x1f {
+            // INT, VAR, DECL_TAG: one u32.
+            1 | 14 | 17 => 4,
+            // ARRAY: struct btf_array.
+            3 => 12,
+            // STRUCT, UNION (members), DATASEC (var_secinfo), ENUM64.
+            4 | 5 | 15 | 19 => 12 * vlen,
+            // ENUM (btf_enum), FUNC_PROTO (btf_param).
+            6 | 13 => 8 * vlen,
+            // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT,
+            // TYPE_TAG: nothing more.
+            2 | 7..=12 | 16 | 18 => 0,
+            _ => return None,
+        };
+        at += 12 + extra;
+        n += 1;
+    }
+    None
 }
 
 /// The command as a shell line, for messages.
@@ -546,6 +741,69 @@ mod tests {
         assert_eq!(prog_stats(prog), Some((42, 306_354_993, 141_934)));
         let link = "pos:\t0\nlink_type:\ttracing\nlink_id:\t7\nprog_tag:\tabc\nprog_id:\t42\n";
         assert_eq!(prog_stats(link), None);
+    }
+
+    #[test]
+    fn btf_names() {
+        // Strings: "", "int", "ctx", "inet_sock_set_state".
+        let strings = b"\0int\0ctx\0inet_sock_set_state\0";
+        let mut types = Vec::new();
+        let mut ty = |name_off: u32, kind: u32, vlen: u32, size_or_type: u32, extra: &[u32]| {
+            for w in [name_off, kind << 24 | vlen, size_or_type].iter().chain(extra) {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        ty(1, 1, 0, 4, &[32]); // 1: INT int
+        ty(0, 2, 0, 1, &[]); // 2: PTR -> int
+        ty(0, 13, 1, 1, &[5, 2]); // 3: FUNC_PROTO int (ctx: int *)
+        ty(9, 12, 0, 3, &[]); // 4: FUNC inet_sock_set_state
+        let mut btf = Vec::new();
+        for w in [
+            0xeb9f_u16 as u32 | 1 << 16,
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+        ] {
+            btf.extend_from_slice(&w.to_le_bytes());
+        }
+        btf.extend_from_slice(&(strings.len() as u32).to_le_bytes());
+        btf.extend_from_slice(&types);
+        btf.extend_from_slice(strings);
+        assert_eq!(btf_type_name(&btf, 4).as_deref(), Some("inet_sock_set_state"));
+        assert_eq!(btf_type_name(&btf, 1).as_deref(), Some("int"));
+        assert_eq!(btf_type_name(&btf, 3).as_deref(), Some(""));
+        assert_eq!(btf_type_name(&btf, 5), None);
+        assert_eq!(btf_type_name(&btf, 0), None);
+        assert_eq!(btf_type_name(&btf[..20], 1), None);
+    }
+
+    #[test]
+    fn deltas_by_program() {
+        let p = |id, name: &str, ns, cnt| ProgRun {
+            id,
+            name: name.into(),
+            run_time_ns: ns,
+            run_cnt: cnt,
+        };
+        let before = [p(1, "a", 100, 10), p(2, "b", 50, 5)];
+        let after = [p(1, "a", 400, 40), p(2, "b", 50, 5), p(3, "c", 7, 1)];
+        assert_eq!(
+            prog_delta(&before, &after),
+            vec![p(1, "a", 300, 30), p(2, "b", 0, 0), p(3, "c", 7, 1)]
+        );
+    }
+
+    #[test]
+    fn cpu_clock() {
+        let pid = std::process::id() as i32;
+        let a = cpu_clock_seconds(pid).expect("our own clock");
+        let mut x = 0u64;
+        for i in 0..10_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i));
+        }
+        let b = cpu_clock_seconds(pid).expect("our own clock");
+        assert!(b > a, "{a} then {b}");
     }
 
     #[test]

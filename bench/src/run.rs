@@ -35,6 +35,32 @@ impl RunResult {
     }
 }
 
+/// Waits, after the load, until the observer has caught up with it (what
+/// the load left in the ring buffer is drained, so that its CPU counts in
+/// the load's window): until its CPU clock grows by less than 10 ms in
+/// 100 ms, for at most 10 s. Returns how long it waited.
+fn settle(pid: i32) -> f64 {
+    let began = std::time::Instant::now();
+    let mut last = procs::cpu_clock_seconds(pid);
+    while began.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = procs::cpu_clock_seconds(pid);
+        match (last, now) {
+            (Some(a), Some(b)) if b - a < 0.010 => break,
+            (_, None) => break,
+            _ => last = now,
+        }
+    }
+    began.elapsed().as_secs_f64()
+}
+
+/// The observer at its ready line: where the load's share begins.
+#[derive(Default)]
+struct AtReady {
+    cpu_s: Option<f64>,
+    programs: Vec<procs::ProgRun>,
+}
+
 pub fn run_one(ctx: &Ctx, index: usize, config: &Config, run: usize, accounting: bool) -> RunResult {
     let mut r = RunResult::new(index, config, run, accounting);
     if let Err(e) = try_run(ctx, index, config, run, &mut r) {
@@ -142,9 +168,13 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
     )?;
 
     // What start-up cost, to tell the load's share apart.
-    let at_ready = running.as_ref().map(|o| {
-        let bpf = r.accounting.then(|| procs::bpf_run_time(o.proc.pid)).flatten();
-        (o.proc.sample(), bpf)
+    let at_ready = running.as_ref().map(|o| AtReady {
+        cpu_s: procs::cpu_clock_seconds(o.proc.pid),
+        programs: if r.accounting {
+            procs::bpf_programs(o.proc.pid).unwrap_or_default()
+        } else {
+            Vec::new()
+        },
     });
     client.write_stdin("go\n")?;
     let mut line = None;
@@ -169,20 +199,29 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
     let mut outcome = Ok(());
     if let Some(obs) = running.as_mut() {
         r.agent_start_s = Some(obs.start_seconds);
+        r.settle_s = Some(settle(obs.proc.pid));
         let sample = obs.proc.sample();
         r.agent_cpu_s = sample.cpu_seconds;
         r.agent_peak_rss_kib = sample.peak_rss_kib;
-        if r.accounting {
-            let bpf = procs::bpf_run_time(obs.proc.pid);
-            r.bpf_cpu_s = bpf.map(|b| b.seconds);
-            r.bpf_runs = bpf.map(|b| b.runs);
+        let cpu_now = procs::cpu_clock_seconds(obs.proc.pid);
+        let programs = if r.accounting {
+            procs::bpf_programs(obs.proc.pid)
+        } else {
+            None
+        };
+        if let Some(progs) = &programs {
+            r.bpf_cpu_s = Some(progs.iter().map(|p| p.run_time_ns as f64 / 1e9).sum());
+            r.bpf_runs = Some(progs.iter().map(|p| p.run_cnt).sum());
         }
-        if let Some((ready, ready_bpf)) = at_ready {
-            r.agent_cpu_load_s = sample.cpu_seconds.zip(ready.cpu_seconds).map(|(a, b)| a - b);
-            r.bpf_cpu_load_s = r.bpf_cpu_s.map(|a| a - ready_bpf.map_or(0.0, |b| b.seconds));
+        let ready = at_ready.unwrap_or_default();
+        if let Some(progs) = &programs {
+            r.bpf_programs = procs::prog_delta(&ready.programs, progs);
+            r.bpf_cpu_load_s = Some(r.bpf_programs.iter().map(|p| p.run_time_ns as f64 / 1e9).sum());
         }
+        r.agent_cpu_load_s = cpu_now.zip(ready.cpu_s).map(|(a, b)| a - b);
         let (exit, note) = obs.stop()?;
         r.agent_cpu_total_s = Some(exit.cpu_seconds());
+        r.agent_cpu_after_ready_s = ready.cpu_s.map(|b| (exit.cpu_seconds() - b).max(0.0));
         r.notes.extend(note);
         // A peer's exit status after our signal is its own business.
         if !exit.success() && obs.is_tracer() {
@@ -196,9 +235,23 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
             let c = obs.counters(ctx.tracer)?;
             r.kernel_generated = c.kernel_generated;
             r.received = c.received;
+            r.delivered = c.delivered;
+            r.decode_errors = c.decode_errors;
             r.drops = c.drops;
-            r.missing = match (c.kernel_generated, c.received, c.drops) {
-                (Some(g), Some(rx), Some(d)) => Some(g.saturating_sub(rx + d)),
+            // Generated = delivered + undecodable + dropped, exactly,
+            // whatever the mode sends per connection; a surplus means the
+            // counters disagree.
+            r.missing = match (c.kernel_generated, c.delivered, c.drops) {
+                (Some(g), Some(dl), Some(d)) => {
+                    let got = dl + c.decode_errors.unwrap_or(0) + d;
+                    if got > g {
+                        r.notes.push(format!(
+                            "the agent's counters exceed the kernel's: {g} generated, {dl} delivered + {} undecodable + {d} dropped",
+                            c.decode_errors.unwrap_or(0)
+                        ));
+                    }
+                    Some(g.saturating_sub(got))
+                }
                 _ => None,
             };
             r.leaks_reported = c.leaks_reported;
