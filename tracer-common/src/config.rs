@@ -61,7 +61,14 @@ pub struct Config {
     /// burst of as many; beyond it opens are sampled out (counted). 0: no
     /// limit.
     pub stack_rate: u32,
-    pub _pad: u32,
+    /// Non-zero: sockets are followed in the kernel (default `live`), and
+    /// userspace hears only of those that stay in CLOSE_WAIT (see
+    /// `follow`). Zero: every event is sent (`--events`, `record`).
+    pub follow: u32,
+    /// With `follow`: a socket in CLOSE_WAIT this long is one the agent may
+    /// have read from the CLOSE_WAIT map, so from then on every change to
+    /// it is sent. The agent reads only entries at least this old.
+    pub promote_ns: u64,
 }
 
 /// [`Config::stacks`] bit: capture user stacks.
@@ -77,4 +84,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);

@@ -27,6 +27,12 @@ pub enum EventKind {
     /// is [`KSTACK_SENT`]. Like [`EventKind::UserStack`], consumed by the
     /// agent and never recorded. Body: [`KernelStackEvent`].
     KernelStack = 5,
+    /// A socket that entered CLOSE_WAIT, with what the kernel side knew of
+    /// it, when sockets are followed in the kernel (`Config::follow`) and
+    /// the CLOSE_WAIT map is full: normally the agent reads the same record
+    /// from that map. Consumed by the agent, which feeds the events it
+    /// stands for; never recorded. Body: [`crate::follow::CloseWaitRecord`].
+    CloseWait = 6,
 }
 
 impl EventKind {
@@ -37,6 +43,7 @@ impl EventKind {
             3 => Some(Self::Close),
             4 => Some(Self::UserStack),
             5 => Some(Self::KernelStack),
+            6 => Some(Self::CloseWait),
             _ => None,
         }
     }
@@ -88,6 +95,12 @@ pub const USTACK_WALKED: i32 = i32::MIN + 3;
 /// Stack id value meaning "the kernel stack was copied and sent as a
 /// [`KernelStackEvent`] just before this event".
 pub const KSTACK_SENT: i32 = i32::MIN + 4;
+
+/// Stack id value meaning "the stack was walked for a socket the kernel
+/// follows (`Config::follow`) and is in the agent's catalogue under its
+/// content key": stack records sent to the catalogue carry this in their
+/// header's `ustack`, and their key in `skaddr`. Part of the format.
+pub const STACK_CATALOGUED: i32 = i32::MIN + 5;
 
 /// Deepest kernel stack copied: the kernel's own default bound
 /// (`kernel.perf_event_max_stack`).

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod event;
+pub mod follow;
 pub mod stats;
 pub mod tcp;
 
@@ -15,5 +16,6 @@ pub use config::{Config, KernelOffsets, STACKS_KERNEL, STACKS_USER};
 pub use event::{
     walk_end, EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, COMM_LEN,
     KSTACK_SENT, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, NO_STACK, RX_QUEUE_UNKNOWN, SP_WORDS, STACKS_OFF,
-    STACKS_SAMPLED_OUT, USTACK_WALKED,
+    STACKS_SAMPLED_OUT, STACK_CATALOGUED, USTACK_WALKED,
 };
+pub use follow::{CloseWaitRecord, SockRecord, StacksTaken, Touch, OPENED_BY_ACCEPT, OPENED_BY_CONNECT};

@@ -25,4 +25,12 @@ pub const STACKS_SAMPLED_OUT: u32 = 6;
 /// User stacks cut at `MAX_USER_FRAMES` frames by the eBPF walk.
 pub const STACK_WALK_TRUNCATED: u32 = 7;
 
-pub const COUNT: u32 = 8;
+/// Sockets followed in the kernel whose opener could not be remembered
+/// (the socket map was full): a leak of one comes without its owner.
+pub const OWNERS_FULL: u32 = 8;
+
+/// CLOSE_WAIT records sent through the ring buffer because the CLOSE_WAIT
+/// map was full (nothing is lost: the agent gets the record sooner).
+pub const CLOSE_WAIT_SPILLED: u32 = 9;
+
+pub const COUNT: u32 = 10;

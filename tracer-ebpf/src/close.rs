@@ -8,7 +8,7 @@
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 use tracer_common::{stats, EventKind, FdEvent};
 
-use crate::{config, emit, fdsock, maps, maps::Counters};
+use crate::{config, emit, fdsock, follow, maps, maps::Counters};
 
 const FD_OFFSET: usize = 16;
 const MAX_FD_OFFSET: usize = 24;
@@ -82,12 +82,18 @@ fn report(ctx: &TracePointContext, fds: u64, max: u32, fd: u32, user_stacks: boo
     let Some(sk) = fdsock::tcp_sock(fds, max, fd) else {
         return;
     };
-    let mut header = emit::header(EventKind::Close as u32, fdsock::cookie_of(sk), sk);
+    let cookie = fdsock::cookie_of(sk);
+    let reported = maps::REPORTED.get_ptr(&cookie).is_some();
+    let shared = fdsock::file_shared(fds, fd);
+    if config::follow() && !reported && !follow::on_fd_close(ctx, sk, cookie, fd as i32, shared, user_stacks) {
+        return;
+    }
+    let mut header = emit::header(EventKind::Close as u32, cookie, sk);
     // Stacks cost a frame-pointer walk and a hash each; a close gets one
     // only when it is evidence: the late close of a reported leak, or a
     // close that releases an fd while the socket stays open (the file is
     // shared after dup or fork) and is or may become a leak.
-    if maps::REPORTED.get_ptr(&header.cookie).is_some() || fdsock::file_shared(fds, fd) {
+    if reported || shared {
         if user_stacks {
             emit::take_stacks(ctx, &mut header, Counters::Syscall);
         } else {

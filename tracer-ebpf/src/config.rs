@@ -43,3 +43,14 @@ pub fn stack_rate() -> u32 {
 pub fn wakeup_bytes() -> u64 {
     volatile(&CONFIG.wakeup_bytes)
 }
+
+/// Sockets are followed in the kernel (see `follow`).
+#[inline(always)]
+pub fn follow() -> bool {
+    volatile(&CONFIG.follow) != 0
+}
+
+#[inline(always)]
+pub fn promote_ns() -> u64 {
+    volatile(&CONFIG.promote_ns)
+}

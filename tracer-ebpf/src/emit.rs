@@ -9,6 +9,12 @@ use tracer_common::{stats, Header, COMM_LEN, NO_STACK, STACKS_KERNEL, STACKS_OFF
 
 use crate::{config, kstack, maps, maps::Counters, ustack};
 
+/// The monotonic clock, as events carry it.
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
 #[inline(always)]
 pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -45,7 +51,7 @@ pub fn take_open_stacks<C: EbpfContext>(ctx: &C, h: &mut Header, set: Counters) 
 /// GCRA: one stack per `1/rate` s on average, bursts of up to `rate`, per
 /// process and CPU.
 #[inline(always)]
-fn within_budget(tgid: u32, now: u64) -> bool {
+pub fn within_budget(tgid: u32, now: u64) -> bool {
     let rate = config::stack_rate();
     if rate == 0 {
         return true;

@@ -4,9 +4,9 @@
 //! fill, collide in or free.
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_get_stack, EbpfContext};
-use tracer_common::{EventKind, Header, KernelStackEvent, KSTACK_SENT, MAX_KERNEL_FRAMES};
+use tracer_common::{EventKind, Header, KernelStackEvent, KSTACK_SENT, MAX_KERNEL_FRAMES, NO_STACK, STACK_CATALOGUED};
 
-use crate::{maps, maps::Counters, scratch};
+use crate::{catalog, maps, maps::Counters, scratch};
 
 /// Where the instruction pointers start in a [`KernelStackEvent`].
 const IPS_AT: usize = core::mem::offset_of!(KernelStackEvent, ips);
@@ -17,23 +17,62 @@ const IPS_AT: usize = core::mem::offset_of!(KernelStackEvent, ips);
 #[inline(always)]
 pub fn capture<C: EbpfContext>(ctx: &C, h: &Header, set: Counters) -> i32 {
     scratch::send_built(&maps::KSTACK_SCRATCH, set, KSTACK_SENT, |ev| {
-        ev.header = *h;
-        ev.header.kind = EventKind::KernelStack as u32;
-        // SAFETY: the helper writes at most the size it is given into the
-        // record's array.
-        let got = unsafe {
-            bpf_get_stack(
-                ctx.as_ptr(),
-                ev.ips.as_mut_ptr() as *mut c_void,
-                (MAX_KERNEL_FRAMES * 8) as u32,
-                0,
-            )
-        };
-        if got < 0 {
-            return Err(got as i32);
-        }
-        let n = (got as usize / 8).min(MAX_KERNEL_FRAMES);
-        ev.nframes = n as u32;
-        Ok(IPS_AT + n * 8)
+        build(ctx, ev, h).map(|(len, _)| Some(len))
     })
+}
+
+/// The kernel stack for a socket the kernel follows: sent to the agent's
+/// catalogue (under pid 0) only if its content is not known there yet.
+/// Returns [`STACK_CATALOGUED`] and the content key, or a counted error.
+#[inline(always)]
+pub fn capture_catalogued<C: EbpfContext>(ctx: &C, h: &Header, set: Counters) -> (i32, u64) {
+    let mut key = 0u64;
+    let mut sent = false;
+    let r = scratch::send_built(&maps::KSTACK_SCRATCH, set, STACK_CATALOGUED, |ev| {
+        let (len, n) = build(ctx, ev, h)?;
+        let mut hash = catalog::SEED;
+        for i in 0..MAX_KERNEL_FRAMES {
+            if i >= n {
+                break;
+            }
+            hash = catalog::mix(hash, ev.ips[i]);
+        }
+        key = hash;
+        ev.header.ustack = STACK_CATALOGUED;
+        ev.header.kstack = NO_STACK;
+        ev.header.cookie = 0;
+        ev.header.skaddr = hash;
+        if catalog::known(0, hash) {
+            return Ok(None);
+        }
+        sent = true;
+        Ok(Some(len))
+    });
+    if r == STACK_CATALOGUED && sent {
+        catalog::remember(0, key);
+    }
+    (r, key)
+}
+
+/// Fills the record for `h`; returns its valid length and frame count.
+#[inline(always)]
+fn build<C: EbpfContext>(ctx: &C, ev: &mut KernelStackEvent, h: &Header) -> Result<(usize, usize), i32> {
+    ev.header = *h;
+    ev.header.kind = EventKind::KernelStack as u32;
+    // SAFETY: the helper writes at most the size it is given into the
+    // record's array.
+    let got = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            ev.ips.as_mut_ptr() as *mut c_void,
+            (MAX_KERNEL_FRAMES * 8) as u32,
+            0,
+        )
+    };
+    if got < 0 {
+        return Err(got as i32);
+    }
+    let n = (got as usize / 8).min(MAX_KERNEL_FRAMES);
+    ev.nframes = n as u32;
+    Ok((IPS_AT + n * 8, n))
 }

@@ -7,16 +7,20 @@
 //!   process that accepted it.
 //! - `close`: `syscalls:sys_enter_close{,_range}`, ties a close to the
 //!   thread and fd that did it.
+//! - `follow`: not a hook; what the hooks above do when sockets are
+//!   followed in the kernel (default `live`) instead of sent event by event.
 //! - `ustack`: not a hook; the user-stack walk the hooks above call where
 //!   the task is the socket's user.
 #![no_std]
 #![no_main]
 
 mod accept;
+mod catalog;
 mod close;
 mod config;
 mod emit;
 mod fdsock;
+mod follow;
 mod kstack;
 mod maps;
 mod scratch;

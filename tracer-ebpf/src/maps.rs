@@ -1,10 +1,11 @@
 //! Maps shared by every hook. Each has a fixed bound; overflow is counted.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{stats, KernelStackEvent, UserStackEvent};
+use tracer_common::{stats, CloseWaitRecord, KernelStackEvent, SockRecord, UserStackEvent};
 
 /// All events, to the agent. Resized by the agent at load time.
 #[map]
@@ -81,4 +82,35 @@ pub fn count(set: Counters, index: u32) {
         // Per-CPU and per program kind: no other writer can interleave.
         unsafe { *p += 1 };
     }
+}
+
+/// Followed sockets (`follow`): what is known of each, by `struct sock`
+/// address (unique while the socket lives; removed when it is destroyed).
+/// Not preallocated: it holds as many entries as there are sockets opened
+/// while traced. Full: counted (`OWNERS_FULL`).
+#[map]
+pub static SOCKS: HashMap<u64, SockRecord> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+/// Followed sockets now in CLOSE_WAIT, by cookie: the agent reads the ones
+/// that stay. Most stay microseconds, so it is nearly empty. Full: the
+/// record goes through the ring buffer instead (`CLOSE_WAIT_SPILLED`).
+#[map]
+pub static CLOSE_WAIT: HashMap<u64, CloseWaitRecord> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+
+/// Per CPU: where a CLOSE_WAIT record is built (too big for the stack).
+/// Only the state hook uses it, and it never nests with itself on a CPU.
+#[map]
+pub static CLOSE_WAIT_SCRATCH: PerCpuArray<CloseWaitRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Stack contents the agent's catalogue holds, per process (pid 0: kernel
+/// stacks). An LRU: forgetting one only sends that content again.
+#[map]
+pub static KNOWN_STACKS: LruHashMap<StackContent, u8> = LruHashMap::with_max_entries(16384, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct StackContent {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub key: u64,
 }

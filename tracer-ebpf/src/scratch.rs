@@ -15,7 +15,9 @@ const ENOSPC: i32 = 28;
 const EBUSY: i32 = 16;
 
 /// Fills this CPU's record in `slots` with `fill`, which returns how many
-/// of the record's bytes are valid (or a `-errno`), and sends those bytes.
+/// of the record's bytes are valid (or a `-errno`, or `None` when there is
+/// nothing to send: the agent already has that content), and sends those
+/// bytes.
 /// Returns `sent`, or a counted stack error: `fill`'s, `-ENOSPC` when the
 /// ring buffer had no room, `-EBUSY` when the slot was in use by a program
 /// this one preempted.
@@ -24,7 +26,7 @@ pub fn send_built<T>(
     slots: &PerCpuArray<Scratch<T>>,
     set: Counters,
     sent: i32,
-    fill: impl FnOnce(&mut T) -> Result<usize, i32>,
+    fill: impl FnOnce(&mut T) -> Result<Option<usize>, i32>,
 ) -> i32 {
     let Some(slot) = slots.get_ptr_mut(0) else {
         maps::count(set, stats::STACK_ERRORS);
@@ -42,7 +44,8 @@ pub fn send_built<T>(
         (*slot).busy = 1;
         let record = &mut (*slot).record;
         let result = match fill(record) {
-            Ok(len) => {
+            Ok(None) => sent,
+            Ok(Some(len)) => {
                 let len = len.min(core::mem::size_of::<T>());
                 let bytes = core::slice::from_raw_parts(record as *const T as *const u8, len);
                 // The event that follows decides on waking the reader.

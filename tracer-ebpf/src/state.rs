@@ -15,7 +15,7 @@ use crate::{
     config::{self, off},
     emit,
     fdsock::{read, Fault},
-    maps,
+    follow, maps,
     maps::Counters,
 };
 
@@ -30,7 +30,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate: u8) -> Result<(), Fault> {
-    let base = sk as u64;
+    if config::follow() {
+        follow::on_state(ctx, sk, oldstate, newstate);
+        return Ok(());
+    }
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     // With --pid, most state changes are other processes': the watch-map
     // lookup comes before any read of the socket.
@@ -46,6 +49,28 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
         watch_new(cookie, filter, newstate);
     }
 
+    let mut ev = event(ctx, sk, cookie, oldstate, newstate);
+    if oldstate == tcp::CLOSE && newstate == tcp::SYN_SENT {
+        // Inside the owner's connect(): its stack says who opened this.
+        emit::take_open_stacks(ctx, &mut ev.header, Counters::State);
+    }
+    emit::send(&ev, Counters::State);
+
+    if newstate == tcp::CLOSE {
+        // The socket is gone; free its slots for the next one.
+        if filter != 0 {
+            let _ = maps::WATCH.remove(&cookie);
+        }
+        let _ = maps::REPORTED.remove(&cookie);
+    }
+    Ok(())
+}
+
+/// The state change as an event: addresses, ports, and on entering
+/// CLOSE_WAIT the bytes left unread.
+#[inline(always)]
+pub fn event(ctx: &BtfTracePointContext, sk: *const c_void, cookie: u64, oldstate: u8, newstate: u8) -> StateEvent {
+    let base = sk as u64;
     let family: u16 = unsafe { load(sk, off!(skc_family)) };
     let mut ev = StateEvent {
         header: emit::header(EventKind::State as u32, cookie, base),
@@ -59,10 +84,6 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
         rx_queue: 0,
         _pad: 0,
     };
-    if oldstate == tcp::CLOSE && newstate == tcp::SYN_SENT {
-        // Inside the owner's connect(): its stack says who opened this.
-        emit::take_open_stacks(ctx, &mut ev.header, Counters::State);
-    }
     if newstate == tcp::CLOSE_WAIT {
         // The FIN is already counted in rcv_nxt here (tcp_fin runs after
         // rcv_nxt moved past it), so this is unread data + 1.
@@ -98,16 +119,7 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
         ev.saddr = unsafe { load_in6(sk, off!(skc_v6_rcv_saddr)) };
         ev.daddr = unsafe { load_in6(sk, off!(skc_v6_daddr)) };
     }
-    emit::send(&ev, Counters::State);
-
-    if newstate == tcp::CLOSE {
-        // The socket is gone; free its slots for the next one.
-        if filter != 0 {
-            let _ = maps::WATCH.remove(&cookie);
-        }
-        let _ = maps::REPORTED.remove(&cookie);
-    }
-    Ok(())
+    ev
 }
 
 /// A field of the BTF-typed `struct sock` this hook is given, by a plain
@@ -117,7 +129,7 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
 /// Only for fields inside `struct sock`; `tcp_sock` fields lie beyond what
 /// the verifier lets a `struct sock *` reach.
 #[inline(always)]
-unsafe fn load<T: Copy>(sk: *const c_void, offset: u32) -> T {
+pub unsafe fn load<T: Copy>(sk: *const c_void, offset: u32) -> T {
     unsafe { core::ptr::read_volatile((sk as *const u8).add(offset as usize) as *const T) }
 }
 
@@ -153,6 +165,6 @@ fn watch_new(cookie: u64, filter: u32, newstate: u8) {
 }
 
 #[inline(always)]
-fn current_tgid() -> u32 {
+pub fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }

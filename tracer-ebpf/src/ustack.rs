@@ -18,10 +18,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
 };
 use tracer_common::{
-    stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, USTACK_WALKED,
+    stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, STACK_CATALOGUED,
+    USTACK_WALKED,
 };
 
-use crate::{maps, maps::Counters, scratch};
+use crate::{catalog, maps, maps::Counters, scratch};
 
 /// x86_64 `struct pt_regs` (the user registers saved at kernel entry; the
 /// layout is ABI, the same as ptrace's `user_regs_struct`): `bp` is at
@@ -53,29 +54,68 @@ const RET: usize = 9;
 #[inline(always)]
 pub fn walk(h: &Header, set: Counters) -> i32 {
     scratch::send_built(&maps::USTACK_SCRATCH, set, USTACK_WALKED, |ev| {
-        ev.header = *h;
-        ev.header.kind = EventKind::UserStack as u32;
-        // SAFETY: see `fill`.
-        let (nframes, end) = unsafe { fill(&mut ev.frames, &mut ev.sp_words) };
-        ev.nframes = nframes;
-        ev.end = end;
-        if end == walk_end::DEPTH {
-            maps::count(set, stats::STACK_WALK_TRUNCATED);
-        }
-        let n = if nframes as usize > MAX_USER_FRAMES {
-            MAX_USER_FRAMES
-        } else {
-            nframes as usize
-        };
-        Ok(FRAMES_AT + n * core::mem::size_of::<UserFrame>())
+        let (len, _) = build(ev, h, set);
+        Ok(Some(len))
     })
+}
+
+/// Walks the current task's user stack for a socket the kernel follows:
+/// sent to the agent's catalogue only if this process's stack with that
+/// content is not known there yet. Returns [`STACK_CATALOGUED`] and the
+/// content key, or a counted stack error.
+#[inline(always)]
+pub fn walk_catalogued(h: &Header, set: Counters) -> (i32, u64) {
+    let mut key = 0u64;
+    let mut sent = false;
+    let r = scratch::send_built(&maps::USTACK_SCRATCH, set, STACK_CATALOGUED, |ev| {
+        let (len, hash) = build(ev, h, set);
+        key = hash;
+        ev.header.ustack = STACK_CATALOGUED;
+        ev.header.kstack = tracer_common::NO_STACK;
+        ev.header.cookie = 0;
+        ev.header.skaddr = hash;
+        if catalog::known(h.tgid, hash) {
+            return Ok(None);
+        }
+        sent = true;
+        Ok(Some(len))
+    });
+    if r == STACK_CATALOGUED && sent {
+        catalog::remember(h.tgid, key);
+    }
+    (r, key)
+}
+
+/// Fills the record for `h`; returns its valid length and its content key.
+#[inline(always)]
+fn build(ev: &mut UserStackEvent, h: &Header, set: Counters) -> (usize, u64) {
+    ev.header = *h;
+    ev.header.kind = EventKind::UserStack as u32;
+    // SAFETY: see `fill`.
+    let (nframes, end, hash) = unsafe { fill(&mut ev.frames, &mut ev.sp_words) };
+    ev.nframes = nframes;
+    ev.end = end;
+    if end == walk_end::DEPTH {
+        maps::count(set, stats::STACK_WALK_TRUNCATED);
+    }
+    let n = if nframes as usize > MAX_USER_FRAMES {
+        MAX_USER_FRAMES
+    } else {
+        nframes as usize
+    };
+    (
+        FRAMES_AT + n * core::mem::size_of::<UserFrame>(),
+        catalog::mix(hash, end as u64),
+    )
 }
 
 /// Where the frames start in a [`UserStackEvent`].
 const FRAMES_AT: usize = core::mem::offset_of!(UserStackEvent, frames);
 
-/// Fills `frames` from the user registers; returns how many are valid and
-/// why the walk stopped.
+/// Fills `frames` from the user registers; returns how many are valid, why
+/// the walk stopped, and a key of their content (`catalog::mix` of every
+/// frame's pc and interpreter slots; the words at `sp` are left out: they
+/// hold the wrapper's locals, new in every call).
 ///
 /// Written for the verifier, which follows every iteration of the loop:
 /// one helper call and no merging branches per frame (a fallback read that
@@ -83,7 +123,7 @@ const FRAMES_AT: usize = core::mem::offset_of!(UserStackEvent, frames);
 /// instruction limit), and no zero-initialised scratch arrays (they compile
 /// to byte-wise memset loops); the helper initialises them.
 #[inline(always)]
-unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; SP_WORDS]) -> (u32, u32) {
+unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; SP_WORDS]) -> (u32, u32, u64) {
     let mut regs = MaybeUninit::<[u64; REGS_WORDS]>::uninit();
     // SAFETY: the helper fills `regs` (or fails, and it is not read).
     let regs = unsafe {
@@ -95,7 +135,7 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
             pt.add(REGS_FROM) as *const c_void,
         ) != 0
         {
-            return (0, walk_end::FAULT);
+            return (0, walk_end::FAULT, 0);
         }
         regs.assume_init()
     };
@@ -104,29 +144,31 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
     frames[0].pc = regs[IP];
     frames[0].method_slot = 0;
     frames[0].bcp_slot = 0;
+    let mut hash = catalog::mix(catalog::SEED, regs[IP]);
     let mut fp = regs[BP];
     let mut window = MaybeUninit::<[u64; WINDOW_WORDS]>::uninit();
     for i in 1..MAX_USER_FRAMES {
         if fp == 0 {
-            return (i as u32, walk_end::OUTERMOST);
+            return (i as u32, walk_end::OUTERMOST, hash);
         }
         if fp & 7 != 0 || fp < WINDOW_BELOW_FP {
-            return (i as u32, walk_end::BAD_FP);
+            return (i as u32, walk_end::BAD_FP, hash);
         }
         // SAFETY: as above; `window` is only read after a successful fill.
         let w = unsafe {
             if read_user(&mut window, fp - WINDOW_BELOW_FP) != 0 {
-                return (i as u32, walk_end::FAULT);
+                return (i as u32, walk_end::FAULT, hash);
             }
             &*window.as_ptr()
         };
         let pc = w[RET];
         if pc == 0 {
-            return (i as u32, walk_end::OUTERMOST);
+            return (i as u32, walk_end::OUTERMOST, hash);
         }
         frames[i].pc = pc;
         frames[i].method_slot = w[SLOT_METHOD];
         frames[i].bcp_slot = w[SLOT_BCP];
+        hash = catalog::mix(catalog::mix(catalog::mix(hash, pc), w[SLOT_METHOD]), w[SLOT_BCP]);
         let next = w[SAVED_FP];
         if next <= fp || next - fp > MAX_FRAME_SPAN {
             // A zero `next` is the outermost frame (glibc's _start and
@@ -136,11 +178,11 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
             } else {
                 walk_end::BAD_FP
             };
-            return (i as u32 + 1, end);
+            return (i as u32 + 1, end, hash);
         }
         fp = next;
     }
-    (MAX_USER_FRAMES as u32, walk_end::DEPTH)
+    (MAX_USER_FRAMES as u32, walk_end::DEPTH, hash)
 }
 
 #[inline(always)]

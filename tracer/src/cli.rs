@@ -165,6 +165,12 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
     pub reported_entries: u32,
 
+    /// Entries in the kernel's map of followed sockets in CLOSE_WAIT
+    /// (default `live`). When full, their records go through the ring
+    /// buffer instead (close_wait_spilled).
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
+    pub close_wait_entries: u32,
+
     /// Most sockets the agent tracks at once; beyond, new ones are counted
     /// as untracked.
     #[arg(long, value_name = "N", default_value_t = 1 << 20, hide = true)]

@@ -2,8 +2,8 @@
 //! records; everything downstream works on [`Event`].
 
 use tracer_common::{
-    EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, MAX_KERNEL_FRAMES,
-    MAX_USER_FRAMES, SP_WORDS,
+    CloseWaitRecord, EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent,
+    MAX_KERNEL_FRAMES, MAX_USER_FRAMES, SP_WORDS,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +35,8 @@ pub enum Record {
     Event(Event),
     UserStack(WalkedStack),
     KernelStack(KernelStack),
+    /// A followed socket in CLOSE_WAIT, spilled from the kernel's map.
+    CloseWait(Box<CloseWaitRecord>),
 }
 
 /// A [`KernelStackEvent`] with only its valid instruction pointers.
@@ -91,7 +93,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         Some(EventKind::State) => Ok(Event::State(read(buf, "state event")?)),
         Some(EventKind::Accept) => Ok(Event::Accept(read(buf, "accept event")?)),
         Some(EventKind::Close) => Ok(Event::Close(read(buf, "close event")?)),
-        Some(EventKind::UserStack | EventKind::KernelStack) => Err(DecodeError::NotAnEvent),
+        Some(EventKind::UserStack | EventKind::KernelStack | EventKind::CloseWait) => Err(DecodeError::NotAnEvent),
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }
@@ -124,6 +126,9 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
             MAX_KERNEL_FRAMES,
         )?;
         return Ok(Record::KernelStack(KernelStack { header, ips }));
+    }
+    if header.kind == EventKind::CloseWait as u32 {
+        return Ok(Record::CloseWait(Box::new(read(buf, "close-wait record")?)));
     }
     decode(buf).map(Record::Event)
 }

@@ -248,6 +248,7 @@ impl Engine {
                 kernel: self.kernel_stats,
                 agent: self.corr.stats(),
                 decode_errors,
+                delivered: None,
             },
         })
     }

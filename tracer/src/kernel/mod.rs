@@ -13,7 +13,7 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::{stats, Config, STACKS_KERNEL, STACKS_USER};
+use tracer_common::{stats, CloseWaitRecord, Config, STACKS_KERNEL, STACKS_USER};
 
 use hooks::{Attach, HOOKS};
 
@@ -27,9 +27,13 @@ pub struct LoadOptions {
     /// Bounds of the `--pid` watch list and of the reported-leaks map.
     pub watch_entries: u32,
     pub reported_entries: u32,
+    pub close_wait_entries: u32,
     pub kernel_stacks: bool,
     pub user_stacks: bool,
     pub stack_rate: u32,
+    /// Sockets are followed in the kernel (default `live`); 0 to send every
+    /// event. With it, the age past which a CLOSE_WAIT socket is read.
+    pub follow: Option<u64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -64,6 +68,14 @@ pub struct KernelStats {
     /// their outermost frames are cut, and each says so.
     #[serde(default)]
     pub stack_walk_truncated: u64,
+    /// Sockets followed in the kernel whose opener could not be remembered
+    /// (the kernel's socket map was full): their leaks come without owner.
+    #[serde(default)]
+    pub owners_full: u64,
+    /// CLOSE_WAIT records sent through the ring buffer because the
+    /// kernel's CLOSE_WAIT map was full (not a loss).
+    #[serde(default)]
+    pub close_wait_spilled: u64,
 }
 
 impl KernelStats {
@@ -76,6 +88,7 @@ impl KernelStats {
             || self.reported_full > before.reported_full
             || self.fd_unresolved > before.fd_unresolved
             || self.close_range_truncated > before.close_range_truncated
+            || self.owners_full > before.owners_full
     }
 }
 
@@ -87,6 +100,8 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     watch: HashMap<MapData, u64, u32>,
     reported: HashMap<MapData, u64, u8>,
+    close_wait: HashMap<MapData, u64, CloseWaitRecord>,
+    known_stacks: HashMap<MapData, [u64; 2], u8>,
     /// Agent-side insertions into `watch` and `reported` that failed.
     watch_full: u64,
     reported_full: u64,
@@ -109,7 +124,8 @@ impl Kernel {
             },
             wakeup_bytes: opts.wakeup_bytes,
             stack_rate: opts.stack_rate,
-            _pad: 0,
+            follow: u32::from(opts.follow.is_some()),
+            promote_ns: opts.follow.unwrap_or(0),
         };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -118,6 +134,7 @@ impl Kernel {
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("WATCH", opts.watch_entries)
             .map_max_entries("REPORTED", opts.reported_entries)
+            .map_max_entries("CLOSE_WAIT", opts.close_wait_entries)
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
         // The eBPF side logs only rare diagnostics (a socket it could not
@@ -160,6 +177,8 @@ impl Kernel {
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
         let reported = HashMap::try_from(ebpf.take_map("REPORTED").context("REPORTED map")?)?;
+        let close_wait = HashMap::try_from(ebpf.take_map("CLOSE_WAIT").context("CLOSE_WAIT map")?)?;
+        let known_stacks = HashMap::try_from(ebpf.take_map("KNOWN_STACKS").context("KNOWN_STACKS map")?)?;
         Ok(Self {
             _ebpf: ebpf,
             _logger: logger,
@@ -167,6 +186,8 @@ impl Kernel {
             stats,
             watch,
             reported,
+            close_wait,
+            known_stacks,
             watch_full: 0,
             reported_full: 0,
             hooks,
@@ -231,7 +252,33 @@ impl Kernel {
             stack_errors: sum(stats::STACK_ERRORS)?,
             stacks_sampled_out: sum(stats::STACKS_SAMPLED_OUT)?,
             stack_walk_truncated: sum(stats::STACK_WALK_TRUNCATED)?,
+            owners_full: sum(stats::OWNERS_FULL)?,
+            close_wait_spilled: sum(stats::CLOSE_WAIT_SPILLED)?,
         })
+    }
+
+    /// Followed sockets in CLOSE_WAIT since at least `min_age_ns` before
+    /// `now` (the kernel sends every later change of those). Entries that
+    /// leave while being read are skipped.
+    pub fn close_wait_records(&self, now: u64, min_age_ns: u64) -> Vec<CloseWaitRecord> {
+        let mut out = Vec::new();
+        for cookie in self.close_wait.keys().flatten() {
+            if let Ok(r) = self.close_wait.get(&cookie, 0) {
+                if now.saturating_sub(r.event.header.ktime_ns) >= min_age_ns {
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    /// Empties the kernel's list of stacks the agent's catalogue holds, so
+    /// that each is sent again when next taken.
+    pub fn forget_known_stacks(&mut self) {
+        let keys: Vec<[u64; 2]> = self.known_stacks.keys().flatten().collect();
+        for k in keys {
+            let _ = self.known_stacks.remove(&k);
+        }
     }
 
     pub fn flush_logs(&mut self) {

@@ -4,6 +4,7 @@
 //! is recorded (if recording) and fed to the one [`Engine`].
 
 mod evidence_job;
+mod follow;
 mod session;
 
 use std::{
@@ -81,15 +82,21 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         Output::Record { path, max_size } => Some(Recorder::create(path, &header(&args, wall, *max_size))?),
         Output::Live { .. } => None,
     };
+    // Every event is sent only where every event is wanted: `--events`
+    // prints them, a recording keeps them. Otherwise sockets are followed
+    // in the kernel, and only those that stay in CLOSE_WAIT are read.
+    let follow = matches!(output, Output::Live { events: false, .. }).then(|| follow::promote_after(leak_after_ns));
     let mut kernel = Kernel::load(&LoadOptions {
         filter_tgid: args.pid,
         ring_bytes: args.ring_bytes,
         wakeup_bytes: u64::from(args.ring_bytes) / WAKEUP_FRACTION,
         watch_entries: args.watch_entries,
         reported_entries: args.reported_entries,
+        close_wait_entries: args.close_wait_entries,
         kernel_stacks: args.kernel_stacks,
         user_stacks: !args.no_stacks,
         stack_rate: args.stack_rate,
+        follow,
     })?;
     // Open the pidfd before the snapshot so an exit in between is not lost.
     let pidfd = args.pid.map(pidfd_open).transpose()?;
@@ -110,6 +117,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         ),
         sink,
         recorder,
+        follow,
     );
 
     let snap = snapshot_inputs(&mut kernel, args.pid)?;
@@ -189,7 +197,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
                 s.drain(&mut kernel)
             }
             _ = tick.tick() => {
-                let r = s.drain(&mut kernel).and_then(|()| s.tick(&kernel, clock::monotonic_ns()));
+                let r = s.drain(&mut kernel).and_then(|()| s.tick(&mut kernel, clock::monotonic_ns()));
                 for cookie in s.engine.take_reported() {
                     kernel.mark_reported(cookie);
                 }

@@ -6,7 +6,7 @@ use std::{
     io::{self, IsTerminal, Write},
 };
 
-use tracer_common::tcp;
+use tracer_common::{tcp, STACK_CATALOGUED};
 
 use super::{
     evidence_job::{spawn_evidence, wait_evidence, EvidenceJob},
@@ -22,7 +22,7 @@ use crate::{
     procs::ProcNames,
     record::writer::{Recorder, Written},
     sink::Sink,
-    stacks::StackSymbolizer,
+    stacks::{StackCatalogue, StackSymbolizer},
 };
 
 pub(super) struct Session {
@@ -31,11 +31,19 @@ pub(super) struct Session {
     pub(super) recorder: Option<Recorder>,
     pub(super) names: ProcNames,
     stacks: StackSymbolizer,
+    /// With sockets followed in the kernel: the stacks their records refer
+    /// to, the sockets read from the CLOSE_WAIT map (until they leave it),
+    /// and the age at which they are read.
+    pub(super) catalogue: StackCatalogue,
+    pub(super) promoted: HashSet<u64>,
+    follow: Option<u64>,
     /// Inputs waiting to be recorded and analysed, in order.
     pub(super) inputs: Vec<Input>,
     /// Stacks named for the event being drained (reused buffer).
-    named: Vec<StackInput>,
+    pub(super) named: Vec<StackInput>,
     decode_errors: u64,
+    /// Event records received from the ring buffer (delivered).
+    delivered: u64,
     /// The recording reached its size limit.
     pub(super) full: bool,
     last_stats: Option<crate::kernel::KernelStats>,
@@ -44,16 +52,22 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) fn new(engine: Engine, sink: Box<dyn Sink>, recorder: Option<Recorder>) -> Self {
+    /// `follow`: sockets are followed in the kernel, and read from its
+    /// CLOSE_WAIT map once they have been there that long.
+    pub(super) fn new(engine: Engine, sink: Box<dyn Sink>, recorder: Option<Recorder>, follow: Option<u64>) -> Self {
         Session {
             engine,
             sink,
             recorder,
             names: ProcNames::new(65536),
             stacks: StackSymbolizer::new(65536),
+            catalogue: StackCatalogue::default(),
+            promoted: HashSet::new(),
+            follow,
             inputs: Vec::new(),
             named: Vec::new(),
             decode_errors: 0,
+            delivered: 0,
             full: false,
             last_stats: None,
             last_evidence_ns: 0,
@@ -107,12 +121,26 @@ impl Session {
             };
             let mut ev = match decoded {
                 Ok(Record::Event(ev)) => ev,
+                Ok(Record::UserStack(w)) if w.header.ustack == STACK_CATALOGUED => {
+                    self.catalogue.user(w, &mut self.stacks);
+                    continue;
+                }
+                Ok(Record::KernelStack(k)) if k.header.ustack == STACK_CATALOGUED => {
+                    self.catalogue.kernel(k, &mut self.stacks);
+                    continue;
+                }
                 Ok(Record::UserStack(w)) => {
                     self.stacks.walked(w);
                     continue;
                 }
                 Ok(Record::KernelStack(k)) => {
                     self.stacks.kernel_copied(k);
+                    continue;
+                }
+                Ok(Record::CloseWait(rec)) => {
+                    self.delivered += 1;
+                    self.promote(&rec);
+                    self.promoted.insert(rec.event.header.cookie);
                     continue;
                 }
                 Err(e) => {
@@ -123,6 +151,7 @@ impl Session {
                     continue;
                 }
             };
+            self.delivered += 1;
             // Owners' names and stacks are read now, while they still run.
             let owner = match &ev {
                 Event::State(s) => s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT,
@@ -150,13 +179,18 @@ impl Session {
     /// Time passes. Evidence for the leaks about to be reported is read
     /// first (on a worker), so it is recorded ahead of the tick that
     /// reports them.
-    pub(super) fn tick(&mut self, kernel: &Kernel, now: u64) -> io::Result<()> {
+    pub(super) fn tick(&mut self, kernel: &mut Kernel, now: u64) -> io::Result<()> {
         self.push_stats(kernel);
         // While evidence is being gathered the clock is not advanced, so
         // due leaks wait (and are reported together, with it) instead of
         // being reported without their evidence.
         if self.evidence_job.is_some() {
             return self.flush_inputs();
+        }
+        if let Some(promote_ns) = self.follow {
+            self.read_close_wait(kernel, now, promote_ns);
+            // Fed now, so that those already due get their evidence.
+            self.flush_inputs()?;
         }
         let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
         if !due.is_empty() {
@@ -228,7 +262,9 @@ impl Session {
     /// Kernel counters, as an input only when they changed (drops must be
     /// seen promptly, and marked in a recording where they happened).
     fn push_stats(&mut self, kernel: &Kernel) {
-        if let Ok(k) = kernel.stats() {
+        if let Ok(mut k) = kernel.stats() {
+            // Agent-side losses of the same kind.
+            k.stack_errors += self.catalogue.misses;
             if Some(k) != self.last_stats {
                 self.last_stats = Some(k);
                 self.inputs.push(Input::Stats(StatsInput {
@@ -280,6 +316,9 @@ impl Session {
         }
         self.drain(kernel)?;
         let now = clock::monotonic_ns();
+        if let Some(promote_ns) = self.follow {
+            self.read_close_wait(kernel, now, promote_ns);
+        }
         let mut cookies: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();
         cookies.extend(self.engine.due_leaks(now));
         self.push_evidence(cookies, now);
@@ -296,7 +335,8 @@ impl Session {
                 eprintln!();
             }
         }
-        let summary = self.engine.summary(reason, self.decode_errors, self.sink.as_mut())?;
+        let mut summary = self.engine.summary(reason, self.decode_errors, self.sink.as_mut())?;
+        summary.stats.delivered = Some(self.delivered);
         self.sink.summary(&summary)
     }
 }

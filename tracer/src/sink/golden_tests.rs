@@ -254,6 +254,10 @@ fn run(
         }
     }
     let mut summary = engine.summary(reason, 0, &mut sink).unwrap();
+    // As the live agent sets it (a report has none).
+    if recording.is_none() {
+        summary.stats.delivered = Some(summary.stats.agent.events);
+    }
     summary.recording = recording;
     sink.summary(&summary).unwrap();
     String::from_utf8(sink.into_inner()).expect("JSON is UTF-8")

@@ -75,6 +75,12 @@ pub struct SummaryStats {
     pub kernel: KernelStats,
     pub agent: CorrelatorStats,
     pub decode_errors: u64,
+    /// Event records the live agent received from the ring buffer: with
+    /// `kernel.ringbuf_drops`, they add up to `kernel.generated`. (With
+    /// sockets followed in the kernel, `agent.events` also counts the
+    /// events read from its CLOSE_WAIT map.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]

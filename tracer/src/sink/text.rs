@@ -309,8 +309,8 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let k = &s.stats.kernel;
         writeln!(
             o,
-            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}, stacks cut at the depth bound {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}",
-            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out, k.stack_walk_truncated, k.watch_full, k.reported_full, k.fd_unresolved, k.close_range_truncated
+            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}, stacks cut at the depth bound {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept (socket map full) {}, CLOSE_WAIT records spilled to the ring buffer {}",
+            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out, k.stack_walk_truncated, k.watch_full, k.reported_full, k.fd_unresolved, k.close_range_truncated, k.owners_full, k.close_wait_spilled
         )?;
         if k.ringbuf_drops > 0 {
             writeln!(

@@ -8,9 +8,12 @@
 //! blazesym ([`native`]: ELF symbols, DWARF file:line, perf maps,
 //! kallsyms), a JVM's Java frames by the JVM itself ([`crate::jvm`]).
 
+mod catalog;
 mod native;
 mod process;
 mod walk;
+
+pub use catalog::StackCatalogue;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -335,6 +338,9 @@ pub fn stack_id_error(id: i32) -> String {
         x if x == -libc::ENOSPC => "no room in the ring buffer for the stack: stack lost (counted in stack_errors)".into(),
         x if x == -libc::EBUSY => {
             "the stack walk's scratch record was in use by a program this one preempted: stack lost (counted in stack_errors)".into()
+        }
+        x if x == -libc::ENOENT => {
+            "the stack was forgotten before its socket mattered: stack lost (counted in stack_errors)".into()
         }
         x => format!("stack capture failed (errno {})", -x),
     }

@@ -1,0 +1,124 @@
+//! Sockets followed in the kernel (default `live`): the agent reads the
+//! ones that stay in CLOSE_WAIT and feeds the engine the events they stand
+//! for, exactly as the full event stream would have carried them; every
+//! later change of such a socket comes as an ordinary event.
+
+use std::collections::HashSet;
+
+use tracer_common::{tcp, CloseWaitRecord, EventKind, FdEvent, Header, Touch, OPENED_BY_ACCEPT, OPENED_BY_CONNECT};
+
+use super::session::Session;
+use crate::{
+    decode::Event,
+    input::{Input, ProcessInput},
+    kernel::Kernel,
+};
+
+/// How long a socket stays in CLOSE_WAIT before the agent reads it: long
+/// enough that sockets closed promptly (nearly all) are never read, short
+/// enough that a leak is read well before it is due.
+pub fn promote_after(leak_after_ns: u64) -> u64 {
+    (leak_after_ns / 2).min(1_000_000_000)
+}
+
+impl Session {
+    /// Reads the followed sockets that have stayed in CLOSE_WAIT since at
+    /// least `promote_ns`, and feeds those not fed yet.
+    pub(super) fn read_close_wait(&mut self, kernel: &mut Kernel, now: u64, promote_ns: u64) {
+        let mut seen = HashSet::new();
+        for rec in kernel.close_wait_records(now, promote_ns) {
+            let cookie = rec.event.header.cookie;
+            seen.insert(cookie);
+            if !self.promoted.contains(&cookie) {
+                log::debug!(
+                    "socket {cookie:#x} read from the CLOSE_WAIT map, {} ms in CLOSE_WAIT",
+                    now.saturating_sub(rec.event.header.ktime_ns) / 1_000_000
+                );
+                self.promote(&rec);
+            }
+        }
+        // Entries leave the map when their socket leaves CLOSE_WAIT.
+        self.promoted = seen;
+        if self.catalogue.full() {
+            self.catalogue.clear();
+            kernel.forget_known_stacks();
+        }
+    }
+
+    /// The events a CLOSE_WAIT record stands for, in time order: the open
+    /// (connect's state change, or the accept), a close that left the
+    /// socket open, and the change into CLOSE_WAIT.
+    pub(super) fn promote(&mut self, rec: &CloseWaitRecord) {
+        let mut cw = rec.event;
+        cw.header.kind = EventKind::State as u32;
+        let (cookie, skaddr) = (cw.header.cookie, cw.header.skaddr);
+        let sock = rec.sock;
+        let mut events: Vec<(u64, Event)> = Vec::with_capacity(3);
+        if rec.has_sock != 0 {
+            let open = &sock.open;
+            if open.ns != 0 && sock.opened_by == OPENED_BY_CONNECT {
+                let mut ev = cw;
+                ev.header = header(EventKind::State, open, cookie, skaddr);
+                ev.oldstate = tcp::CLOSE;
+                ev.newstate = tcp::SYN_SENT;
+                ev.rx_queue = 0;
+                events.push((open.ns, Event::State(ev)));
+            } else if open.ns != 0 && sock.opened_by == OPENED_BY_ACCEPT {
+                events.push((open.ns, fd_event(EventKind::Accept, open, cookie, skaddr)));
+            }
+            if sock.close.ns != 0 {
+                events.push((sock.close.ns, fd_event(EventKind::Close, &sock.close, cookie, skaddr)));
+            }
+        }
+        events.push((cw.header.ktime_ns, Event::State(cw)));
+        events.sort_by_key(|(ns, _)| *ns);
+        for (_, mut ev) in events {
+            let owner = matches!(&ev, Event::Accept(_))
+                || matches!(&ev, Event::State(s) if s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT);
+            let h = *ev.header();
+            if owner {
+                if let Some(info) = self.names.learn(h.tgid) {
+                    self.inputs.push(Input::Process(ProcessInput { pid: h.tgid, info }));
+                }
+            }
+            let touch = match &ev {
+                Event::State(s) if s.newstate == tcp::CLOSE_WAIT => None,
+                Event::Close(_) => Some(&sock.close),
+                _ => Some(&sock.open),
+            };
+            if let Some(t) = touch {
+                self.catalogue
+                    .resolve(t.tgid, &t.stacks, ev.header_mut(), &mut self.named);
+                self.inputs.extend(self.named.drain(..).map(Input::Stack));
+            }
+            self.inputs.push(Input::Kernel(ev));
+        }
+    }
+}
+
+fn header(kind: EventKind, t: &Touch, cookie: u64, skaddr: u64) -> Header {
+    Header {
+        kind: kind as u32,
+        cpu: t.cpu,
+        ktime_ns: t.ns,
+        tgid: t.tgid,
+        tid: t.tid,
+        comm: t.comm,
+        cookie,
+        skaddr,
+        ustack: t.stacks.ustack,
+        kstack: t.stacks.kstack,
+    }
+}
+
+fn fd_event(kind: EventKind, t: &Touch, cookie: u64, skaddr: u64) -> Event {
+    let ev = FdEvent {
+        header: header(kind, t, cookie, skaddr),
+        fd: t.fd,
+        _pad: 0,
+    };
+    match kind {
+        EventKind::Accept => Event::Accept(ev),
+        _ => Event::Close(ev),
+    }
+}
