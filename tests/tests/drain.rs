@@ -52,6 +52,9 @@ fn slow_evidence_does_not_stop_the_drain() {
         &RING_BYTES.to_string(),
         "--duration",
         "12s",
+        // Every event through the ring buffer (sockets followed in the
+        // kernel would send almost nothing to drain).
+        "--every-event",
     ])
     .env("TRACER_TEST_EVIDENCE_DELAY_MS", DELAY.as_millis().to_string());
     let mut tracer = Child::spawn("tracer live --json (slow evidence)", cmd);

@@ -27,11 +27,10 @@ pub enum EventKind {
     /// is [`KSTACK_SENT`]. Like [`EventKind::UserStack`], consumed by the
     /// agent and never recorded. Body: [`KernelStackEvent`].
     KernelStack = 5,
-    /// A socket that entered CLOSE_WAIT, with what the kernel side knew of
-    /// it, when sockets are followed in the kernel (`Config::follow`) and
-    /// the CLOSE_WAIT map is full: normally the agent reads the same record
-    /// from that map. Consumed by the agent, which feeds the events it
-    /// stands for; never recorded. Body: [`crate::follow::CloseWaitRecord`].
+    /// The state change that put a followed socket (`Config::follow`) in
+    /// CLOSE_WAIT, sent because the CLOSE_WAIT map was full: normally the
+    /// agent reads it from that map. Consumed by the agent, which feeds the
+    /// events it stands for; never recorded. Body: [`StateEvent`].
     CloseWait = 6,
 }
 

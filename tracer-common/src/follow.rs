@@ -1,12 +1,12 @@
 //! Sockets followed in the kernel (default `live`): what the kernel side
-//! keeps about each socket until it matters, and the CLOSE_WAIT record the
-//! agent reads when one stays in CLOSE_WAIT.
+//! keeps about each socket until it matters. (The CLOSE_WAIT map holds the
+//! [`crate::StateEvent`] that put a socket there.)
 //!
 //! Why: a connection makes about ten state changes, an accept and two
 //! closes, and only a socket that stays in CLOSE_WAIT matters. Sending each
 //! to userspace costs several times what following it in the kernel does.
 
-use crate::{Header, StateEvent, COMM_LEN};
+use crate::COMM_LEN;
 
 /// [`SockRecord::opened_by`]: how the socket's owner was learned.
 pub const OPENED_BY_CONNECT: u32 = 1;
@@ -46,44 +46,27 @@ pub struct Touch {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRecord {
     pub open: Touch,
-    /// The last close of an fd to it that left the socket open (the file
-    /// was shared: dup, fork): the evidence that someone else holds it.
-    pub close: Touch,
     /// [`OPENED_BY_CONNECT`], [`OPENED_BY_ACCEPT`] or 0 (opened before
     /// tracing: only a close or the snapshot knows its owner).
     pub opened_by: u32,
-    /// Non-zero once the socket has stayed in CLOSE_WAIT long enough that
-    /// the agent may know it: every later state change is sent.
-    pub followed: u32,
+    /// [`FOLLOWED`], [`SHARED_CLOSE`].
+    pub flags: u32,
 }
 
-/// A socket in CLOSE_WAIT: the state change that put it there (as the
-/// full event would have carried it, `rx_queue` included) and what was
-/// known of the socket then. In the CLOSE_WAIT map by cookie; sent as
-/// [`crate::EventKind::CloseWait`] when the map is full.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CloseWaitRecord {
-    pub event: StateEvent,
-    pub sock: SockRecord,
-    /// Non-zero when `sock` is valid (the socket was opened while traced).
-    pub has_sock: u32,
-    pub _pad: u32,
-}
-
-impl CloseWaitRecord {
-    pub fn header(&self) -> &Header {
-        &self.event.header
-    }
-}
+/// [`SockRecord::flags`]: the socket has stayed in CLOSE_WAIT long enough
+/// that the agent may know it: every later state change is sent.
+pub const FOLLOWED: u32 = 1;
+/// [`SockRecord::flags`]: a close of an fd to it left it open (the file
+/// was shared: dup, fork); that close is in the shared-closes map, the
+/// evidence that someone else holds it.
+pub const SHARED_CLOSE: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), explicit padding.
     unsafe impl aya::Pod for super::SockRecord {}
-    unsafe impl aya::Pod for super::CloseWaitRecord {}
+    unsafe impl aya::Pod for super::Touch {}
 }
 
 const _: () = assert!(core::mem::size_of::<Touch>() == 64);
-const _: () = assert!(core::mem::size_of::<SockRecord>() == 136);
-const _: () = assert!(core::mem::size_of::<CloseWaitRecord>() == 112 + 136 + 8);
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 72);

@@ -17,6 +17,16 @@ pub fn now() -> u64 {
 
 #[inline(always)]
 pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
+    let mut h = header_without_comm(kind, cookie, skaddr);
+    h.comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    h
+}
+
+/// A header whose `comm` is left empty: where the current task is not the
+/// socket's user (softirq, or the peer's process on loopback), its name
+/// says nothing and costs a copy.
+#[inline(always)]
+pub fn header_without_comm(kind: u32, cookie: u64, skaddr: u64) -> Header {
     let pid_tgid = bpf_get_current_pid_tgid();
     Header {
         kind,
@@ -24,7 +34,7 @@ pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
-        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+        comm: [0u8; COMM_LEN],
         cookie,
         skaddr,
         ustack: NO_STACK,

@@ -2,7 +2,7 @@
 //! `task->files->fdt->fd[fd]->private_data->sk` with field offsets the agent
 //! took from the kernel's BTF.
 
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task_btf};
 use tracer_common::{event::AF_INET, event::AF_INET6, stats, tcp::IPPROTO_TCP};
 
 use crate::{config::off, maps, maps::Counters};
@@ -30,19 +30,35 @@ pub fn fd_table() -> Option<(u64, u32)> {
     counted(unsafe { fd_table_inner() })
 }
 
+///
+/// `task->files->fdt` is walked with plain loads from the BTF-typed task
+/// pointer: the verifier checks each offset against the kernel's BTF, and
+/// the JIT makes each load fault-tolerant (a fault reads 0), at a fraction
+/// of a `bpf_probe_read_kernel` call each. The fd array itself is a
+/// pointer to pointers, which BTF does not type: it is read by helper.
 #[inline(always)]
 unsafe fn fd_table_inner() -> Result<Option<(u64, u32)>, Fault> {
     unsafe {
-        let task = bpf_get_current_task();
-        let files: u64 = read(task, off!(task_files))?;
-        if files == 0 {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let files: *const u8 = load(task, off!(task_files));
+        if files.is_null() {
             return Ok(None); // exiting task
         }
-        let fdt: u64 = read(files, off!(files_fdt))?;
-        let max: u32 = read(fdt, off!(fdt_max_fds))?;
-        let fds: u64 = read(fdt, off!(fdt_fd))?;
+        let fdt: *const u8 = load(files, off!(files_fdt));
+        if fdt.is_null() {
+            return Err(Fault);
+        }
+        let max: u32 = load(fdt, off!(fdt_max_fds));
+        let fds: u64 = load(fdt, off!(fdt_fd));
         Ok(Some((fds, max)))
     }
+}
+
+/// A field of a BTF-typed kernel pointer, by a plain load (see
+/// `fd_table_inner`).
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) }
 }
 
 /// The TCP `struct sock` behind `fd`, if `fd` is an IPv4/IPv6 TCP socket.

@@ -1,22 +1,26 @@
 //! Sockets followed in the kernel (default `live`, `Config::follow`):
 //! userspace hears of a socket only when it matters.
 //!
-//! - Its opener (connect, accept) and the last close of a shared fd to it
-//!   are kept in `SOCKS`, with their stacks' catalogue keys.
-//! - Entering CLOSE_WAIT puts a [`CloseWaitRecord`] in `CLOSE_WAIT`, which
-//!   the agent reads for the sockets that stay there (at least
-//!   `promote_ns`). Most leave within microseconds: nothing is sent.
+//! - Its opener (connect, accept) is kept in `SOCKS`, with its stacks'
+//!   catalogue keys; the last close of a shared fd to it in
+//!   `SHARED_CLOSES`.
+//! - Entering CLOSE_WAIT puts that state change in `CLOSE_WAIT`, which the
+//!   agent reads (with the socket's records) for the sockets that stay
+//!   there at least `promote_ns`. Most leave within microseconds: nothing
+//!   is sent.
 //! - Leaving CLOSE_WAIT after `promote_ns` (the agent may know the socket
 //!   by then), and every later change of such a socket, is sent as the
 //!   full event; so is leaving a CLOSE_WAIT the kernel side did not see
 //!   start (sockets older than the tracer, which the snapshot gave the
-//!   agent). Times are the kernel's, so no race decides what is sent: a
-//!   socket the agent read is always older than `promote_ns` when it
-//!   leaves.
+//!   agent). Times are the kernel's, and the agent reads only what is at
+//!   least `promote_ns` old by a clock read before it reads: a socket the
+//!   agent read is always older than that when anything else happens to
+//!   it, so no race decides what is sent.
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_get_socket_cookie, programs::BtfTracePointContext, EbpfContext};
 use tracer_common::{
-    stats, tcp, CloseWaitRecord, EventKind, Header, SockRecord, Touch, OPENED_BY_ACCEPT, OPENED_BY_CONNECT,
+    stats, tcp, EventKind, Header, SockRecord, StateEvent, Touch, FOLLOWED, OPENED_BY_ACCEPT, OPENED_BY_CONNECT,
+    SHARED_CLOSE,
 };
 
 use crate::{
@@ -54,7 +58,7 @@ fn cookie(sk: *const c_void) -> u64 {
 
 /// Who the current task is, now, with its stacks (see `catalog::take`).
 #[inline(always)]
-pub fn touch<C: EbpfContext>(ctx: &C, fd: i32, set: Counters, open: bool, stacks: bool) -> Touch {
+fn touch<C: EbpfContext>(ctx: &C, fd: i32, set: Counters, open: bool, stacks: bool) -> Touch {
     let h: Header = emit::header(0, 0, 0);
     Touch {
         ns: h.ktime_ns,
@@ -69,52 +73,67 @@ pub fn touch<C: EbpfContext>(ctx: &C, fd: i32, set: Counters, open: bool, stacks
 
 /// Keeps a socket's opener, taken in its own syscall.
 #[inline(always)]
-pub fn opened<C: EbpfContext>(ctx: &C, sk: u64, fd: i32, opened_by: u32, set: Counters) {
+fn opened<C: EbpfContext>(ctx: &C, sk: u64, fd: i32, opened_by: u32, set: Counters) {
     let record = SockRecord {
         open: touch(ctx, fd, set, true, true),
-        close: Touch::default(),
         opened_by,
-        followed: 0,
+        flags: 0,
     };
     if maps::SOCKS.insert(&sk, &record, 0).is_err() {
         maps::count(set, stats::OWNERS_FULL);
     }
 }
 
+/// Whether a socket's CLOSE_WAIT entry is old enough that the agent may
+/// have read it.
+#[inline(always)]
+fn known_to_agent(cw: *const StateEvent) -> bool {
+    // SAFETY: a map value, read at once.
+    let since = unsafe { (*cw).header.ktime_ns };
+    emit::now().saturating_sub(since) >= config::promote_ns()
+}
+
 /// An accept (`accept` hook). Returns whether it is to be sent as an
 /// event: the socket has been in CLOSE_WAIT long enough that the agent may
 /// know it (the peer can close before the server accepts). Otherwise its
-/// opener is kept, and given to its CLOSE_WAIT record if it has one.
+/// opener is kept.
 #[inline(always)]
 pub fn on_accept<C: EbpfContext>(ctx: &C, sk: u64, fd: i32) -> bool {
     let cookie = fdsock::cookie_of(sk);
-    let cw = if cookie != 0 {
-        maps::CLOSE_WAIT.get_ptr_mut(&cookie)
-    } else {
-        None
-    };
-    if cw.is_some_and(|cw| known_to_agent(cw)) {
+    if cookie != 0 && maps::CLOSE_WAIT.get_ptr(&cookie).is_some_and(known_to_agent) {
         return true;
     }
     opened(ctx, sk, fd, OPENED_BY_ACCEPT, Counters::Syscall);
-    if let (Some(cw), Some(r)) = (cw, maps::SOCKS.get_ptr(&sk)) {
-        // SAFETY: map values; see `on_fd_close`.
-        unsafe {
-            (*cw).sock = *r;
-            (*cw).has_sock = 1;
-        }
-    }
     false
 }
 
-/// Whether a socket's CLOSE_WAIT record is old enough that the agent may
-/// have read it (it reads only records at least `promote_ns` old, by a
-/// clock read before it reads them).
+/// A close of an fd to a followed socket that leaves it open (the file is
+/// shared: `close` hook). Returns whether it is to be sent as an event (the
+/// agent may know the socket); otherwise it is kept as evidence.
 #[inline(always)]
-fn known_to_agent(cw: *const CloseWaitRecord) -> bool {
-    // SAFETY: a map value, read at once.
-    let since = unsafe { (*cw).event.header.ktime_ns };
-    emit::now().saturating_sub(since) >= config::promote_ns()
+pub fn on_shared_close<C: EbpfContext>(ctx: &C, sk: u64, cookie: u64, fd: i32, stacks: bool) -> bool {
+    if cookie != 0 && maps::CLOSE_WAIT.get_ptr(&cookie).is_some_and(known_to_agent) {
+        return true;
+    }
+    let t = touch(ctx, fd, Counters::Syscall, false, stacks);
+    if maps::SHARED_CLOSES.insert(&sk, &t, 0).is_err() {
+        maps::count(Counters::Syscall, stats::OWNERS_FULL);
+        return false;
+    }
+    match maps::SOCKS.get_ptr_mut(&sk) {
+        // SAFETY: a map value; flags only ever gain bits.
+        Some(r) => unsafe { (*r).flags |= SHARED_CLOSE },
+        None => {
+            let record = SockRecord {
+                flags: SHARED_CLOSE,
+                ..SockRecord::default()
+            };
+            if maps::SOCKS.insert(&sk, &record, 0).is_err() {
+                maps::count(Counters::Syscall, stats::OWNERS_FULL);
+            }
+        }
+    }
+    false
 }
 
 /// CLOSE -> SYN_SENT runs inside the owner's connect().
@@ -132,35 +151,21 @@ fn on_close_wait(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
     if !is_tcp(sk) {
         return;
     }
-    let record = maps::SOCKS.get_ptr(&(sk as u64));
     let cookie = cookie(sk);
     // With --pid only its sockets have a record; its sockets older than the
     // tracer are in the watch list.
-    if config::filter_tgid() != 0 && record.is_none() && maps::WATCH.get_ptr(&cookie).is_none() {
+    if config::filter_tgid() != 0
+        && maps::SOCKS.get_ptr(&(sk as u64)).is_none()
+        && maps::WATCH.get_ptr(&cookie).is_none()
+    {
         return;
     }
-    let Some(cw) = maps::CLOSE_WAIT_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's scratch value; the state hook does not nest with
-    // itself, and nothing else uses it.
-    let cw = unsafe { &mut *cw };
-    cw.event = state::event(ctx, sk, cookie, oldstate, tcp::CLOSE_WAIT);
-    cw.event.header.kind = EventKind::CloseWait as u32;
-    match record {
-        // SAFETY: a map value, copied at once.
-        Some(r) => {
-            cw.sock = unsafe { *r };
-            cw.has_sock = 1;
-        }
-        None => {
-            cw.sock = SockRecord::default();
-            cw.has_sock = 0;
-        }
-    }
-    if maps::CLOSE_WAIT.insert(&cookie, &*cw, 0).is_err() {
+    // Mostly in softirq or the peer's process: no comm.
+    let mut ev = state::event(ctx, sk, cookie, oldstate, tcp::CLOSE_WAIT, false);
+    if maps::CLOSE_WAIT.insert(&cookie, &ev, 0).is_err() {
         maps::count(Counters::State, stats::CLOSE_WAIT_SPILLED);
-        emit::send(cw, Counters::State);
+        ev.header.kind = EventKind::CloseWait as u32;
+        emit::send(&ev, Counters::State);
     }
 }
 
@@ -185,7 +190,7 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
         let _ = maps::CLOSE_WAIT.remove(&cookie);
     }
     if newstate == tcp::CLOSE {
-        destroyed(sk as u64, cookie, send);
+        destroyed(sk as u64, cookie, send, true);
     }
 }
 
@@ -193,13 +198,12 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
 #[inline(always)]
 fn follow_from_now(sk: u64) {
     if let Some(r) = maps::SOCKS.get_ptr_mut(&sk) {
-        // SAFETY: a map value; the socket's state changes are serialised
-        // by its lock.
-        unsafe { (*r).followed = 1 };
+        // SAFETY: a map value; flags only ever gain bits.
+        unsafe { (*r).flags |= FOLLOWED };
         return;
     }
     let record = SockRecord {
-        followed: 1,
+        flags: FOLLOWED,
         ..SockRecord::default()
     };
     if maps::SOCKS.insert(&sk, &record, 0).is_err() {
@@ -213,18 +217,22 @@ fn on_destroy(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
         return;
     };
     // SAFETY: a map value, read at once.
-    let followed = unsafe { (*r).followed } != 0;
+    let flags = unsafe { (*r).flags };
+    let followed = flags & FOLLOWED != 0;
     let cookie = if followed { cookie(sk) } else { 0 };
     if followed {
         send_state(ctx, sk, cookie, oldstate, tcp::CLOSE);
     }
-    destroyed(sk as u64, cookie, followed);
+    destroyed(sk as u64, cookie, followed, flags & SHARED_CLOSE != 0);
 }
 
-/// The socket is gone: its slots are freed for the next one.
+/// The socket is gone: its entries are freed for the next one.
 #[inline(always)]
-fn destroyed(sk: u64, cookie: u64, followed: bool) {
+fn destroyed(sk: u64, cookie: u64, followed: bool, shared_close: bool) {
     let _ = maps::SOCKS.remove(&sk);
+    if shared_close {
+        let _ = maps::SHARED_CLOSES.remove(&sk);
+    }
     if followed {
         let _ = maps::REPORTED.remove(&cookie);
     }
@@ -232,45 +240,6 @@ fn destroyed(sk: u64, cookie: u64, followed: bool) {
 
 #[inline(always)]
 fn send_state(ctx: &BtfTracePointContext, sk: *const c_void, cookie: u64, oldstate: u8, newstate: u8) {
-    let ev = state::event(ctx, sk, cookie, oldstate, newstate);
+    let ev = state::event(ctx, sk, cookie, oldstate, newstate, false);
     emit::send(&ev, Counters::State);
-}
-
-/// A close of an fd to a followed socket (`close` hook). Returns whether
-/// the close is to be sent as an event (the agent may know the socket);
-/// otherwise, if it leaves the socket open, it is kept as evidence.
-#[inline(always)]
-pub fn on_fd_close<C: EbpfContext>(ctx: &C, sk: u64, cookie: u64, fd: i32, shared: bool, stacks: bool) -> bool {
-    if !shared {
-        // The socket goes with it; its state changes say what happened.
-        return false;
-    }
-    let cw = if cookie != 0 {
-        maps::CLOSE_WAIT.get_ptr_mut(&cookie)
-    } else {
-        None
-    };
-    if cw.is_some_and(|cw| known_to_agent(cw)) {
-        return true;
-    }
-    let t = touch(ctx, fd, Counters::Syscall, false, stacks);
-    if let Some(cw) = cw {
-        // SAFETY: a map value; a racing writer could only be another close
-        // of the same socket, and either touch is a true one.
-        unsafe { (*cw).sock.close = t };
-    }
-    match maps::SOCKS.get_ptr_mut(&sk) {
-        // SAFETY: as above.
-        Some(r) => unsafe { (*r).close = t },
-        None => {
-            let record = SockRecord {
-                close: t,
-                ..SockRecord::default()
-            };
-            if maps::SOCKS.insert(&sk, &record, 0).is_err() {
-                maps::count(Counters::Syscall, stats::OWNERS_FULL);
-            }
-        }
-    }
-    false
 }

@@ -1,11 +1,10 @@
 //! Maps shared by every hook. Each has a fixed bound; overflow is counted.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{stats, CloseWaitRecord, KernelStackEvent, SockRecord, UserStackEvent};
+use tracer_common::{stats, KernelStackEvent, SockRecord, StateEvent, Touch, UserStackEvent};
 
 /// All events, to the agent. Resized by the agent at load time.
 #[map]
@@ -76,6 +75,12 @@ pub enum Counters {
 #[map]
 pub static WATCH: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 
+/// Whether any socket is marked in `REPORTED` (see `REPORTED_COUNT`).
+#[inline(always)]
+pub fn reported_any() -> bool {
+    REPORTED_COUNT.get(0).is_some_and(|n| *n != 0)
+}
+
 #[inline(always)]
 pub fn count(set: Counters, index: u32) {
     if let Some(p) = STATS.get_ptr_mut(set as u32 + index) {
@@ -84,23 +89,31 @@ pub fn count(set: Counters, index: u32) {
     }
 }
 
-/// Followed sockets (`follow`): what is known of each, by `struct sock`
-/// address (unique while the socket lives; removed when it is destroyed).
-/// Not preallocated: it holds as many entries as there are sockets opened
-/// while traced. Full: counted (`OWNERS_FULL`).
+/// Followed sockets (`follow`): who opened each, by `struct sock` address
+/// (unique while the socket lives; removed when it is destroyed).
+/// Preallocated: allocating on every connect cost more than the rest of
+/// the hook (about 2 µs per connection on the bench). Full: counted
+/// (`OWNERS_FULL`). Sized by the agent.
 #[map]
-pub static SOCKS: HashMap<u64, SockRecord> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+pub static SOCKS: HashMap<u64, SockRecord> = HashMap::with_max_entries(1 << 17, 0);
 
-/// Followed sockets now in CLOSE_WAIT, by cookie: the agent reads the ones
-/// that stay. Most stay microseconds, so it is nearly empty. Full: the
-/// record goes through the ring buffer instead (`CLOSE_WAIT_SPILLED`).
+/// Followed sockets: the last close of an fd that left the socket open (a
+/// shared file), by `struct sock` address. Rare; flagged in `SOCKS`.
 #[map]
-pub static CLOSE_WAIT: HashMap<u64, CloseWaitRecord> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+pub static SHARED_CLOSES: HashMap<u64, Touch> = HashMap::with_max_entries(16384, 0);
 
-/// Per CPU: where a CLOSE_WAIT record is built (too big for the stack).
-/// Only the state hook uses it, and it never nests with itself on a CPU.
+/// Followed sockets now in CLOSE_WAIT, by cookie: the state change that put
+/// them there. The agent reads the ones that stay (with their `SOCKS`
+/// record). Most stay microseconds, so it is nearly empty. Full: the
+/// change goes through the ring buffer instead (`CLOSE_WAIT_SPILLED`).
 #[map]
-pub static CLOSE_WAIT_SCRATCH: PerCpuArray<CloseWaitRecord> = PerCpuArray::with_max_entries(1, 0);
+pub static CLOSE_WAIT: HashMap<u64, StateEvent> = HashMap::with_max_entries(16384, 0);
+
+/// How many sockets the agent has marked in `REPORTED` and not yet seen
+/// closed (slot 0, written by the agent): while 0, a close that does not
+/// share its file needs no look at the socket at all.
+#[map]
+pub static REPORTED_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Stack contents the agent's catalogue holds, per process (pid 0: kernel
 /// stacks). An LRU: forgetting one only sends that content again.

@@ -49,8 +49,10 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
         watch_new(cookie, filter, newstate);
     }
 
-    let mut ev = event(ctx, sk, cookie, oldstate, newstate);
-    if oldstate == tcp::CLOSE && newstate == tcp::SYN_SENT {
+    // The running task's name only where it is the socket's user.
+    let connect = oldstate == tcp::CLOSE && newstate == tcp::SYN_SENT;
+    let mut ev = event(ctx, sk, cookie, oldstate, newstate, connect);
+    if connect {
         // Inside the owner's connect(): its stack says who opened this.
         emit::take_open_stacks(ctx, &mut ev.header, Counters::State);
     }
@@ -67,13 +69,24 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
 }
 
 /// The state change as an event: addresses, ports, and on entering
-/// CLOSE_WAIT the bytes left unread.
+/// CLOSE_WAIT the bytes left unread. `comm`: the current task's name too.
 #[inline(always)]
-pub fn event(ctx: &BtfTracePointContext, sk: *const c_void, cookie: u64, oldstate: u8, newstate: u8) -> StateEvent {
+pub fn event(
+    ctx: &BtfTracePointContext,
+    sk: *const c_void,
+    cookie: u64,
+    oldstate: u8,
+    newstate: u8,
+    comm: bool,
+) -> StateEvent {
     let base = sk as u64;
     let family: u16 = unsafe { load(sk, off!(skc_family)) };
     let mut ev = StateEvent {
-        header: emit::header(EventKind::State as u32, cookie, base),
+        header: if comm {
+            emit::header(EventKind::State as u32, cookie, base)
+        } else {
+            emit::header_without_comm(EventKind::State as u32, cookie, base)
+        },
         saddr: [0; 16],
         daddr: [0; 16],
         sport: unsafe { load::<u16>(sk, off!(skc_num)) },

@@ -168,8 +168,20 @@ pub struct TraceArgs {
     /// Entries in the kernel's map of followed sockets in CLOSE_WAIT
     /// (default `live`). When full, their records go through the ring
     /// buffer instead (close_wait_spilled).
-    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
+    #[arg(long, value_name = "N", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
     pub close_wait_entries: u32,
+
+    /// Send every event to userspace, as `--events` and `record` do, instead
+    /// of following sockets in the kernel; nothing more is printed (for
+    /// tests and measurements of that path).
+    #[arg(long, hide = true)]
+    pub every_event: bool,
+
+    /// Entries in the kernel's map of followed sockets' openers (default
+    /// `live`). When full, more are counted (owners_full): their leaks
+    /// come without owner.
+    #[arg(long, value_name = "N", default_value_t = 1 << 17, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
+    pub socket_entries: u32,
 
     /// Most sockets the agent tracks at once; beyond, new ones are counted
     /// as untracked.

@@ -2,7 +2,7 @@
 //! records; everything downstream works on [`Event`].
 
 use tracer_common::{
-    CloseWaitRecord, EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent,
+    EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent,
     MAX_KERNEL_FRAMES, MAX_USER_FRAMES, SP_WORDS,
 };
 
@@ -35,8 +35,9 @@ pub enum Record {
     Event(Event),
     UserStack(WalkedStack),
     KernelStack(KernelStack),
-    /// A followed socket in CLOSE_WAIT, spilled from the kernel's map.
-    CloseWait(Box<CloseWaitRecord>),
+    /// A followed socket's change into CLOSE_WAIT, spilled from the
+    /// kernel's map.
+    CloseWait(StateEvent),
 }
 
 /// A [`KernelStackEvent`] with only its valid instruction pointers.
@@ -128,7 +129,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, DecodeError> {
         return Ok(Record::KernelStack(KernelStack { header, ips }));
     }
     if header.kind == EventKind::CloseWait as u32 {
-        return Ok(Record::CloseWait(Box::new(read(buf, "close-wait record")?)));
+        return Ok(Record::CloseWait(read(buf, "close-wait record")?));
     }
     decode(buf).map(Record::Event)
 }

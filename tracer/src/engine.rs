@@ -82,6 +82,13 @@ impl Engine {
         std::mem::take(&mut self.reported)
     }
 
+    /// Leaks reported and not (yet) seen closed; never fewer than there
+    /// are (a leak stops counting only at its late close).
+    pub fn leaks_open(&self) -> u64 {
+        let st = self.corr.stats();
+        st.leaks_reported.saturating_sub(st.late_closes)
+    }
+
     pub fn current_leak_cookies(&self) -> Vec<u64> {
         self.corr.current_leaks(self.now_ns).iter().map(|l| l.cookie).collect()
     }

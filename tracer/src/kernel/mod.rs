@@ -9,11 +9,11 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::{stats, CloseWaitRecord, Config, STACKS_KERNEL, STACKS_USER};
+use tracer_common::{stats, Config, SockRecord, StateEvent, Touch, SHARED_CLOSE, STACKS_KERNEL, STACKS_USER};
 
 use hooks::{Attach, HOOKS};
 
@@ -28,6 +28,7 @@ pub struct LoadOptions {
     pub watch_entries: u32,
     pub reported_entries: u32,
     pub close_wait_entries: u32,
+    pub socket_entries: u32,
     pub kernel_stacks: bool,
     pub user_stacks: bool,
     pub stack_rate: u32,
@@ -100,7 +101,10 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     watch: HashMap<MapData, u64, u32>,
     reported: HashMap<MapData, u64, u8>,
-    close_wait: HashMap<MapData, u64, CloseWaitRecord>,
+    close_wait: HashMap<MapData, u64, StateEvent>,
+    socks: HashMap<MapData, u64, SockRecord>,
+    shared_closes: HashMap<MapData, u64, Touch>,
+    reported_count: Array<MapData, u64>,
     known_stacks: HashMap<MapData, [u64; 2], u8>,
     /// Agent-side insertions into `watch` and `reported` that failed.
     watch_full: u64,
@@ -135,6 +139,7 @@ impl Kernel {
             .map_max_entries("WATCH", opts.watch_entries)
             .map_max_entries("REPORTED", opts.reported_entries)
             .map_max_entries("CLOSE_WAIT", opts.close_wait_entries)
+            .map_max_entries("SOCKS", opts.socket_entries)
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
         // The eBPF side logs only rare diagnostics (a socket it could not
@@ -178,6 +183,9 @@ impl Kernel {
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
         let reported = HashMap::try_from(ebpf.take_map("REPORTED").context("REPORTED map")?)?;
         let close_wait = HashMap::try_from(ebpf.take_map("CLOSE_WAIT").context("CLOSE_WAIT map")?)?;
+        let socks = HashMap::try_from(ebpf.take_map("SOCKS").context("SOCKS map")?)?;
+        let shared_closes = HashMap::try_from(ebpf.take_map("SHARED_CLOSES").context("SHARED_CLOSES map")?)?;
+        let reported_count = Array::try_from(ebpf.take_map("REPORTED_COUNT").context("REPORTED_COUNT map")?)?;
         let known_stacks = HashMap::try_from(ebpf.take_map("KNOWN_STACKS").context("KNOWN_STACKS map")?)?;
         Ok(Self {
             _ebpf: ebpf,
@@ -187,6 +195,9 @@ impl Kernel {
             watch,
             reported,
             close_wait,
+            socks,
+            shared_closes,
+            reported_count,
             known_stacks,
             watch_full: 0,
             reported_full: 0,
@@ -260,16 +271,36 @@ impl Kernel {
     /// Followed sockets in CLOSE_WAIT since at least `min_age_ns` before
     /// `now` (the kernel sends every later change of those). Entries that
     /// leave while being read are skipped.
-    pub fn close_wait_records(&self, now: u64, min_age_ns: u64) -> Vec<CloseWaitRecord> {
+    pub fn close_wait_records(&self, now: u64, min_age_ns: u64) -> Vec<StateEvent> {
         let mut out = Vec::new();
         for cookie in self.close_wait.keys().flatten() {
             if let Ok(r) = self.close_wait.get(&cookie, 0) {
-                if now.saturating_sub(r.event.header.ktime_ns) >= min_age_ns {
+                if now.saturating_sub(r.header.ktime_ns) >= min_age_ns {
                     out.push(r);
                 }
             }
         }
         out
+    }
+
+    /// What the kernel side keeps of a followed socket: its opener, and the
+    /// last close of an fd to it that left it open.
+    pub fn socket_record(&self, skaddr: u64) -> (Option<SockRecord>, Option<Touch>) {
+        let Ok(r) = self.socks.get(&skaddr, 0) else {
+            return (None, None);
+        };
+        let close = (r.flags & SHARED_CLOSE != 0)
+            .then(|| self.shared_closes.get(&skaddr, 0).ok())
+            .flatten();
+        (Some(r), close)
+    }
+
+    /// Tells the close hook how many sockets are marked reported (while
+    /// none is, it skips most closes without looking at the socket).
+    pub fn set_reported_count(&mut self, n: u64) {
+        if let Err(e) = self.reported_count.set(0, n, 0) {
+            log::warn!("cannot update the reported-leak count: {e}");
+        }
     }
 
     /// Empties the kernel's list of stacks the agent's catalogue holds, so

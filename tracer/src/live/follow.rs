@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use tracer_common::{tcp, CloseWaitRecord, EventKind, FdEvent, Header, Touch, OPENED_BY_ACCEPT, OPENED_BY_CONNECT};
+use tracer_common::{tcp, EventKind, FdEvent, Header, StateEvent, Touch, OPENED_BY_ACCEPT, OPENED_BY_CONNECT};
 
 use super::session::Session;
 use crate::{
@@ -27,14 +27,14 @@ impl Session {
     pub(super) fn read_close_wait(&mut self, kernel: &mut Kernel, now: u64, promote_ns: u64) {
         let mut seen = HashSet::new();
         for rec in kernel.close_wait_records(now, promote_ns) {
-            let cookie = rec.event.header.cookie;
+            let cookie = rec.header.cookie;
             seen.insert(cookie);
             if !self.promoted.contains(&cookie) {
                 log::debug!(
                     "socket {cookie:#x} read from the CLOSE_WAIT map, {} ms in CLOSE_WAIT",
-                    now.saturating_sub(rec.event.header.ktime_ns) / 1_000_000
+                    now.saturating_sub(rec.header.ktime_ns) / 1_000_000
                 );
-                self.promote(&rec);
+                self.promote(kernel, &rec);
             }
         }
         // Entries leave the map when their socket leaves CLOSE_WAIT.
@@ -45,30 +45,31 @@ impl Session {
         }
     }
 
-    /// The events a CLOSE_WAIT record stands for, in time order: the open
-    /// (connect's state change, or the accept), a close that left the
+    /// The events a followed socket's change into CLOSE_WAIT stands for,
+    /// with what the kernel side keeps of the socket, in time order: the
+    /// open (connect's state change, or the accept), a close that left the
     /// socket open, and the change into CLOSE_WAIT.
-    pub(super) fn promote(&mut self, rec: &CloseWaitRecord) {
-        let mut cw = rec.event;
+    pub(super) fn promote(&mut self, kernel: &Kernel, change: &StateEvent) {
+        let mut cw = *change;
         cw.header.kind = EventKind::State as u32;
         let (cookie, skaddr) = (cw.header.cookie, cw.header.skaddr);
-        let sock = rec.sock;
+        let (sock, shared_close) = kernel.socket_record(skaddr);
+        let sock = sock.unwrap_or_default();
+        let close = shared_close.unwrap_or_default();
         let mut events: Vec<(u64, Event)> = Vec::with_capacity(3);
-        if rec.has_sock != 0 {
-            let open = &sock.open;
-            if open.ns != 0 && sock.opened_by == OPENED_BY_CONNECT {
-                let mut ev = cw;
-                ev.header = header(EventKind::State, open, cookie, skaddr);
-                ev.oldstate = tcp::CLOSE;
-                ev.newstate = tcp::SYN_SENT;
-                ev.rx_queue = 0;
-                events.push((open.ns, Event::State(ev)));
-            } else if open.ns != 0 && sock.opened_by == OPENED_BY_ACCEPT {
-                events.push((open.ns, fd_event(EventKind::Accept, open, cookie, skaddr)));
-            }
-            if sock.close.ns != 0 {
-                events.push((sock.close.ns, fd_event(EventKind::Close, &sock.close, cookie, skaddr)));
-            }
+        let open = &sock.open;
+        if open.ns != 0 && sock.opened_by == OPENED_BY_CONNECT {
+            let mut ev = cw;
+            ev.header = header(EventKind::State, open, cookie, skaddr);
+            ev.oldstate = tcp::CLOSE;
+            ev.newstate = tcp::SYN_SENT;
+            ev.rx_queue = 0;
+            events.push((open.ns, Event::State(ev)));
+        } else if open.ns != 0 && sock.opened_by == OPENED_BY_ACCEPT {
+            events.push((open.ns, fd_event(EventKind::Accept, open, cookie, skaddr)));
+        }
+        if close.ns != 0 {
+            events.push((close.ns, fd_event(EventKind::Close, &close, cookie, skaddr)));
         }
         events.push((cw.header.ktime_ns, Event::State(cw)));
         events.sort_by_key(|(ns, _)| *ns);
@@ -83,7 +84,7 @@ impl Session {
             }
             let touch = match &ev {
                 Event::State(s) if s.newstate == tcp::CLOSE_WAIT => None,
-                Event::Close(_) => Some(&sock.close),
+                Event::Close(_) => Some(&close),
                 _ => Some(&sock.open),
             };
             if let Some(t) = touch {

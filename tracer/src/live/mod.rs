@@ -85,7 +85,8 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     // Every event is sent only where every event is wanted: `--events`
     // prints them, a recording keeps them. Otherwise sockets are followed
     // in the kernel, and only those that stay in CLOSE_WAIT are read.
-    let follow = matches!(output, Output::Live { events: false, .. }).then(|| follow::promote_after(leak_after_ns));
+    let follow = (matches!(output, Output::Live { events: false, .. }) && !args.every_event)
+        .then(|| follow::promote_after(leak_after_ns));
     let mut kernel = Kernel::load(&LoadOptions {
         filter_tgid: args.pid,
         ring_bytes: args.ring_bytes,
@@ -93,6 +94,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         watch_entries: args.watch_entries,
         reported_entries: args.reported_entries,
         close_wait_entries: args.close_wait_entries,
+        socket_entries: args.socket_entries,
         kernel_stacks: args.kernel_stacks,
         user_stacks: !args.no_stacks,
         stack_rate: args.stack_rate,
@@ -201,6 +203,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
                 for cookie in s.engine.take_reported() {
                     kernel.mark_reported(cookie);
                 }
+                kernel.set_reported_count(s.engine.leaks_open());
                 r
             }
             found = wait_evidence(&mut s.evidence_job), if s.evidence_job.is_some() => s.evidence_done(found),

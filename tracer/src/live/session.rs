@@ -137,10 +137,10 @@ impl Session {
                     self.stacks.kernel_copied(k);
                     continue;
                 }
-                Ok(Record::CloseWait(rec)) => {
+                Ok(Record::CloseWait(change)) => {
                     self.delivered += 1;
-                    self.promote(&rec);
-                    self.promoted.insert(rec.event.header.cookie);
+                    self.promote(kernel, &change);
+                    self.promoted.insert(change.header.cookie);
                     continue;
                 }
                 Err(e) => {
