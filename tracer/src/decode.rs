@@ -2,8 +2,8 @@
 //! records; everything downstream works on [`Event`].
 
 use tracer_common::{
-    EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent,
-    MAX_KERNEL_FRAMES, MAX_USER_FRAMES, SP_WORDS,
+    EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, MAX_KERNEL_FRAMES,
+    MAX_USER_FRAMES, SP_WORDS,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
