@@ -120,6 +120,11 @@ pub static REPORTED_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static KNOWN_STACKS: LruHashMap<StackContent, u8> = LruHashMap::with_max_entries(16384, 0);
 
+/// Processes the agent found not to run a JVM (pid -> 1): their stacks'
+/// catalogue keys leave out the interpreter slots (see `ustack`).
+#[map]
+pub static NATIVE_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct StackContent {

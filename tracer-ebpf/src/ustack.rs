@@ -54,7 +54,7 @@ const RET: usize = 9;
 #[inline(always)]
 pub fn walk(h: &Header, set: Counters) -> i32 {
     scratch::send_built(&maps::USTACK_SCRATCH, set, USTACK_WALKED, |ev| {
-        let (len, _) = build(ev, h, set);
+        let (len, _, _) = build(ev, h, set);
         Ok(Some(len))
     })
 }
@@ -67,8 +67,13 @@ pub fn walk(h: &Header, set: Counters) -> i32 {
 pub fn walk_catalogued(h: &Header, set: Counters) -> (i32, u64) {
     let mut key = 0u64;
     let mut sent = false;
+    // The interpreter slots identify a JVM's interpreted frames; elsewhere
+    // they are locals, new in every call, which would make every stack
+    // look new. The agent lists the processes it found not to run a JVM.
+    let native = maps::NATIVE_PIDS.get_ptr(&h.tgid).is_some();
     let r = scratch::send_built(&maps::USTACK_SCRATCH, set, STACK_CATALOGUED, |ev| {
-        let (len, hash) = build(ev, h, set);
+        let (len, with_slots, pcs_only) = build(ev, h, set);
+        let hash = if native { pcs_only } else { with_slots };
         key = hash;
         ev.header.ustack = STACK_CATALOGUED;
         ev.header.kstack = tracer_common::NO_STACK;
@@ -86,13 +91,14 @@ pub fn walk_catalogued(h: &Header, set: Counters) -> (i32, u64) {
     (r, key)
 }
 
-/// Fills the record for `h`; returns its valid length and its content key.
+/// Fills the record for `h`; returns its valid length and its content key,
+/// with and without the frames' interpreter slots.
 #[inline(always)]
-fn build(ev: &mut UserStackEvent, h: &Header, set: Counters) -> (usize, u64) {
+fn build(ev: &mut UserStackEvent, h: &Header, set: Counters) -> (usize, u64, u64) {
     ev.header = *h;
     ev.header.kind = EventKind::UserStack as u32;
     // SAFETY: see `fill`.
-    let (nframes, end, hash) = unsafe { fill(&mut ev.frames, &mut ev.sp_words) };
+    let (nframes, end, with_slots, pcs_only) = unsafe { fill(&mut ev.frames, &mut ev.sp_words) };
     ev.nframes = nframes;
     ev.end = end;
     if end == walk_end::DEPTH {
@@ -105,7 +111,8 @@ fn build(ev: &mut UserStackEvent, h: &Header, set: Counters) -> (usize, u64) {
     };
     (
         FRAMES_AT + n * core::mem::size_of::<UserFrame>(),
-        catalog::mix(hash, end as u64),
+        catalog::mix(with_slots, end as u64),
+        catalog::mix(pcs_only, end as u64),
     )
 }
 
@@ -113,9 +120,10 @@ fn build(ev: &mut UserStackEvent, h: &Header, set: Counters) -> (usize, u64) {
 const FRAMES_AT: usize = core::mem::offset_of!(UserStackEvent, frames);
 
 /// Fills `frames` from the user registers; returns how many are valid, why
-/// the walk stopped, and a key of their content (`catalog::mix` of every
-/// frame's pc and interpreter slots; the words at `sp` are left out: they
-/// hold the wrapper's locals, new in every call).
+/// the walk stopped, and two keys of their content (`catalog::mix` of every
+/// frame's pc with and without its interpreter slots; the words at `sp`
+/// are left out: they hold the wrapper's locals, new in every call). Both
+/// are computed, without a branch, for the verifier's sake.
 ///
 /// Written for the verifier, which follows every iteration of the loop:
 /// one helper call and no merging branches per frame (a fallback read that
@@ -123,7 +131,7 @@ const FRAMES_AT: usize = core::mem::offset_of!(UserStackEvent, frames);
 /// instruction limit), and no zero-initialised scratch arrays (they compile
 /// to byte-wise memset loops); the helper initialises them.
 #[inline(always)]
-unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; SP_WORDS]) -> (u32, u32, u64) {
+unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; SP_WORDS]) -> (u32, u32, u64, u64) {
     let mut regs = MaybeUninit::<[u64; REGS_WORDS]>::uninit();
     // SAFETY: the helper fills `regs` (or fails, and it is not read).
     let regs = unsafe {
@@ -135,7 +143,7 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
             pt.add(REGS_FROM) as *const c_void,
         ) != 0
         {
-            return (0, walk_end::FAULT, 0);
+            return (0, walk_end::FAULT, 0, 0);
         }
         regs.assume_init()
     };
@@ -145,30 +153,32 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
     frames[0].method_slot = 0;
     frames[0].bcp_slot = 0;
     let mut hash = catalog::mix(catalog::SEED, regs[IP]);
+    let mut pcs = hash;
     let mut fp = regs[BP];
     let mut window = MaybeUninit::<[u64; WINDOW_WORDS]>::uninit();
     for i in 1..MAX_USER_FRAMES {
         if fp == 0 {
-            return (i as u32, walk_end::OUTERMOST, hash);
+            return (i as u32, walk_end::OUTERMOST, hash, pcs);
         }
         if fp & 7 != 0 || fp < WINDOW_BELOW_FP {
-            return (i as u32, walk_end::BAD_FP, hash);
+            return (i as u32, walk_end::BAD_FP, hash, pcs);
         }
         // SAFETY: as above; `window` is only read after a successful fill.
         let w = unsafe {
             if read_user(&mut window, fp - WINDOW_BELOW_FP) != 0 {
-                return (i as u32, walk_end::FAULT, hash);
+                return (i as u32, walk_end::FAULT, hash, pcs);
             }
             &*window.as_ptr()
         };
         let pc = w[RET];
         if pc == 0 {
-            return (i as u32, walk_end::OUTERMOST, hash);
+            return (i as u32, walk_end::OUTERMOST, hash, pcs);
         }
         frames[i].pc = pc;
         frames[i].method_slot = w[SLOT_METHOD];
         frames[i].bcp_slot = w[SLOT_BCP];
         hash = catalog::mix(catalog::mix(catalog::mix(hash, pc), w[SLOT_METHOD]), w[SLOT_BCP]);
+        pcs = catalog::mix(pcs, pc);
         let next = w[SAVED_FP];
         if next <= fp || next - fp > MAX_FRAME_SPAN {
             // A zero `next` is the outermost frame (glibc's _start and
@@ -178,11 +188,11 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
             } else {
                 walk_end::BAD_FP
             };
-            return (i as u32 + 1, end, hash);
+            return (i as u32 + 1, end, hash, pcs);
         }
         fp = next;
     }
-    (MAX_USER_FRAMES as u32, walk_end::DEPTH, hash)
+    (MAX_USER_FRAMES as u32, walk_end::DEPTH, hash, pcs)
 }
 
 #[inline(always)]

@@ -106,6 +106,7 @@ pub struct Kernel {
     shared_closes: HashMap<MapData, u64, Touch>,
     reported_count: Array<MapData, u64>,
     known_stacks: HashMap<MapData, [u64; 2], u8>,
+    native_pids: HashMap<MapData, u32, u8>,
     /// Agent-side insertions into `watch` and `reported` that failed.
     watch_full: u64,
     reported_full: u64,
@@ -187,6 +188,7 @@ impl Kernel {
         let shared_closes = HashMap::try_from(ebpf.take_map("SHARED_CLOSES").context("SHARED_CLOSES map")?)?;
         let reported_count = Array::try_from(ebpf.take_map("REPORTED_COUNT").context("REPORTED_COUNT map")?)?;
         let known_stacks = HashMap::try_from(ebpf.take_map("KNOWN_STACKS").context("KNOWN_STACKS map")?)?;
+        let native_pids = HashMap::try_from(ebpf.take_map("NATIVE_PIDS").context("NATIVE_PIDS map")?)?;
         Ok(Self {
             _ebpf: ebpf,
             _logger: logger,
@@ -199,6 +201,7 @@ impl Kernel {
             shared_closes,
             reported_count,
             known_stacks,
+            native_pids,
             watch_full: 0,
             reported_full: 0,
             hooks,
@@ -301,6 +304,17 @@ impl Kernel {
         if let Err(e) = self.reported_count.set(0, n, 0) {
             log::warn!("cannot update the reported-leak count: {e}");
         }
+    }
+
+    /// Marks a process as running no JVM (see `NATIVE_PIDS`), or unmarks
+    /// it once it has exited (its pid may come back as a JVM). A full map
+    /// only costs the process more stacks sent.
+    pub fn mark_native(&mut self, pid: u32, native: bool) {
+        let _ = if native {
+            self.native_pids.insert(pid, 1, 0)
+        } else {
+            self.native_pids.remove(&pid)
+        };
     }
 
     /// Empties the kernel's list of stacks the agent's catalogue holds, so

@@ -12,11 +12,14 @@ use crate::{
     decode::Event,
     input::{Input, ProcessInput},
     kernel::Kernel,
+    procs,
 };
 
 /// How long a socket stays in CLOSE_WAIT before the agent reads it: long
 /// enough that sockets closed promptly (nearly all) are never read, short
 /// enough that a leak is read well before it is due.
+const NATIVE_CHECK_NS: u64 = 5_000_000_000;
+
 pub fn promote_after(leak_after_ns: u64) -> u64 {
     (leak_after_ns / 2).min(1_000_000_000)
 }
@@ -42,6 +45,23 @@ impl Session {
         if self.catalogue.full() {
             self.catalogue.clear();
             kernel.forget_known_stacks();
+        }
+        self.forget_exited_natives(kernel, now);
+    }
+
+    /// A pid the kernel side keys by return addresses alone could come back
+    /// as a JVM: exited processes are unmarked (checked every few seconds;
+    /// pids are not reused that fast).
+    fn forget_exited_natives(&mut self, kernel: &mut Kernel, now: u64) {
+        if now.saturating_sub(self.native_checked_ns) < NATIVE_CHECK_NS {
+            return;
+        }
+        self.native_checked_ns = now;
+        let gone: Vec<u32> = self.native.iter().copied().filter(|&p| !procs::exists(p)).collect();
+        for pid in gone {
+            kernel.mark_native(pid, false);
+            self.native.remove(&pid);
+            self.catalogue.forget_process(pid);
         }
     }
 

@@ -36,6 +36,10 @@ pub(super) struct Session {
     /// and the age at which they are read.
     pub(super) catalogue: StackCatalogue,
     pub(super) promoted: HashSet<u64>,
+    /// Processes the kernel side was told run no JVM; checked now and then,
+    /// and unmarked once gone.
+    pub(super) native: HashSet<u32>,
+    pub(super) native_checked_ns: u64,
     follow: Option<u64>,
     /// Inputs waiting to be recorded and analysed, in order.
     pub(super) inputs: Vec<Input>,
@@ -63,6 +67,8 @@ impl Session {
             stacks: StackSymbolizer::new(65536),
             catalogue: StackCatalogue::default(),
             promoted: HashSet::new(),
+            native: HashSet::new(),
+            native_checked_ns: 0,
             follow,
             inputs: Vec::new(),
             named: Vec::new(),
@@ -122,7 +128,11 @@ impl Session {
             let mut ev = match decoded {
                 Ok(Record::Event(ev)) => ev,
                 Ok(Record::UserStack(w)) if w.header.ustack == STACK_CATALOGUED => {
-                    self.catalogue.user(w, &mut self.stacks);
+                    let pid = w.header.tgid;
+                    if self.catalogue.user(w, &mut self.stacks) {
+                        kernel.mark_native(pid, true);
+                        self.native.insert(pid);
+                    }
                     continue;
                 }
                 Ok(Record::KernelStack(k)) if k.header.ustack == STACK_CATALOGUED => {

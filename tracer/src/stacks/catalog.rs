@@ -24,6 +24,7 @@ pub struct StackCatalogue {
     named: HashMap<(u32, i32), StackInput>,
     /// Keys a socket referred to that were not here (counted as lost).
     pub misses: u64,
+    seen: std::collections::HashSet<u32>,
 }
 
 impl StackCatalogue {
@@ -39,14 +40,26 @@ impl StackCatalogue {
     }
 
     /// A user stack sent to the catalogue: named now, while its process is
-    /// alive.
-    pub fn user(&mut self, w: WalkedStack, sym: &mut StackSymbolizer) {
-        let key = (w.header.tgid, w.header.skaddr);
+    /// alive. Returns whether its process, seen for the first time, runs
+    /// no JVM (the kernel side can then key its stacks by their return
+    /// addresses alone).
+    pub fn user(&mut self, w: WalkedStack, sym: &mut StackSymbolizer) -> bool {
+        let pid = w.header.tgid;
+        let key = (pid, w.header.skaddr);
         let mut h = w.header;
         h.ustack = USTACK_WALKED;
         h.kstack = NO_STACK;
         sym.walked(w);
         self.learn(key, h, sym, |h| h.ustack);
+        if !self.seen.insert(pid) {
+            return false;
+        }
+        sym.runs_jvm(pid) == Some(false)
+    }
+
+    /// Processes whose first stack was seen, until they are forgotten.
+    pub fn forget_process(&mut self, pid: u32) {
+        self.seen.remove(&pid);
     }
 
     /// A kernel stack sent to the catalogue.

@@ -218,6 +218,11 @@ impl StackSymbolizer {
         }
     }
 
+    /// Whether `pid` runs a HotSpot JVM (None: the process is gone).
+    pub fn runs_jvm(&mut self, pid: u32) -> Option<bool> {
+        self.procs.get(pid, &[]).map(|c| c.jvm.is_some())
+    }
+
     /// A user stack walked in eBPF; its event follows.
     pub fn walked(&mut self, w: WalkedStack) {
         let h = w.header;
