@@ -18,8 +18,8 @@ pub mod layout;
 pub mod synth;
 
 pub use layout::{
-    crc32, crc32_of, header_only, hex_around, parse_layout, with_version, Layout, Rng, FORMAT_VERSION, MAGIC,
-    VERSION_OFFSET,
+    crc32, crc32_of, header_only, hex_around, parse_layout, with_version, Layout, Rng, BLOCK_MAGIC, FORMAT_VERSION,
+    MAGIC, VERSION_1, VERSION_OFFSET,
 };
 
 use std::io::Read;

@@ -8,7 +8,7 @@ use std::os::unix::process::ExitStatusExt;
 
 use tracer_tests::recording::checks::*;
 use tracer_tests::recording::exports::socket_spans;
-use tracer_tests::recording::{hex_around, parse_layout, with_version, Layout, Rng};
+use tracer_tests::recording::{hex_around, parse_layout, with_version, Layout, Rng, FORMAT_VERSION};
 use tracer_tests::{
     assert_same_cookies, format_ss, require_privileges, run_tracer_cmd, start_client, start_recorder, Ran, TempFile,
     Value,
@@ -91,9 +91,9 @@ fn variants(len: usize, layout: &Layout) -> Vec<Variant> {
     for _ in 0..8 {
         v.push(Variant(vec![Damage::Flip(rng.range(h, len), rng.nonzero_byte())]));
     }
-    // A record's length field.
+    // A record's (block's) length field.
     let (at, _) = layout.records[rng.range(0, layout.records.len())];
-    v.push(Variant(vec![Damage::Flip(at + 1, 0x40)]));
+    v.push(Variant(vec![Damage::Flip(layout.length_field(at), 0x40)]));
     for _ in 0..2 {
         let flip = rng.range(h, len - 1);
         v.push(Variant(vec![
@@ -132,7 +132,7 @@ fn damaged_recordings_never_panic() {
 
     let bytes = file.read();
     let layout = parse_layout(&bytes).unwrap_or_else(|e| panic!("the recording's layout: {e}\n{octx}"));
-    assert_eq!(layout.version, 1, "format version");
+    assert_eq!(layout.version, FORMAT_VERSION, "format version");
     assert!(layout.records.len() > 3, "too few records to damage: {layout:?}");
     let all = variants(bytes.len(), &layout);
     assert!(all.len() >= 30);
@@ -287,10 +287,13 @@ fn bad_files_are_one_line_errors() {
     // A file from a newer tracer may have another header: the version is
     // checked first.
     let newer = TempFile::new("newer-synthetic.trc");
-    newer.write(&tracer_tests::recording::header_only(2, r#"{"from":"the future"}"#));
-    assert_all_readers_fail(newer.arg(), "a version 2 header", Some("newer"));
+    newer.write(&tracer_tests::recording::header_only(
+        FORMAT_VERSION + 1,
+        r#"{"from":"the future"}"#,
+    ));
+    assert_all_readers_fail(newer.arg(), "a newer version's header", Some("newer"));
 
-    // A real recording with its version set to 2 (recording needs root).
+    // A real recording with a newer version (recording needs root).
     if !require_privileges() {
         return;
     }
@@ -322,6 +325,6 @@ fn bad_files_are_one_line_errors() {
     }
 
     let newer = TempFile::new("newer-real.trc");
-    newer.write(&with_version(&file.read(), 2));
-    assert_all_readers_fail(newer.arg(), "a real recording with version 2", Some("newer"));
+    newer.write(&with_version(&file.read(), FORMAT_VERSION + 1));
+    assert_all_readers_fail(newer.arg(), "a real recording with a newer version", Some("newer"));
 }

@@ -56,9 +56,17 @@ pub struct RecordArgs {
     pub output: std::path::PathBuf,
 
     /// Stop recording, with a message, when the file reaches this size
-    /// (e.g. 100M, 2G). The file is never rotated.
+    /// (e.g. 100M, 2G); with --rotate, go on in the next file instead.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_size: Option<u64>,
+
+    /// Rotate as tcpdump's -C/-W: when a file reaches --max-size, the
+    /// recording goes on in the next one, and only the last N files are
+    /// kept. The files are FILE.000000, FILE.000001, ... (each one a
+    /// recording that `report` reads alone; `tracer report FILE.*` reads
+    /// them in order).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rotate: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -274,6 +282,29 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("tracer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn rotate_takes_a_positive_number_of_files() {
+        let Command::Record(a) = parse(&["record", "-o", "f", "--max-size", "1M", "--rotate", "4"])
+            .unwrap()
+            .command
+        else {
+            panic!("record")
+        };
+        assert_eq!((a.max_size, a.rotate), (Some(1 << 20), Some(4)));
+        let Command::Record(a) = parse(&["record", "-o", "f"]).unwrap().command else {
+            panic!("record")
+        };
+        assert_eq!((a.max_size, a.rotate), (None, None));
+        for bad in ["0", "-1", "many", "4294967296"] {
+            assert!(
+                parse(&["record", "-o", "f", "--max-size", "1M", "--rotate", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        // Without --max-size it parses, and `main` refuses it in one line.
+        assert!(parse(&["record", "-o", "f", "--rotate", "2"]).is_ok());
     }
 
     #[test]

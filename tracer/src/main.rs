@@ -67,6 +67,12 @@ fn main() -> ExitCode {
                 .await
             }
             cli::Command::Record(a) => {
+                if a.rotate.is_some() && a.max_size.is_none() {
+                    anyhow::bail!(
+                        "--rotate needs --max-size: the size at which the recording goes on in the next file"
+                    );
+                }
+                record::writer::configure(record::writer::Options { rotate: a.rotate });
                 live::run(
                     a.trace,
                     live::Output::Record {

@@ -10,8 +10,13 @@ use serde_json::Value;
 
 /// The file's first 8 bytes.
 pub const MAGIC: &[u8; 8] = b"TRACERCW";
-/// The format version this tracer writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this tracer writes: compressed blocks of records.
+pub const FORMAT_VERSION: u32 = 2;
+/// Version 1, framed records uncompressed: still read, and what the
+/// synthetic writer ([`super::synth`]) writes.
+pub const VERSION_1: u32 = 1;
+/// What starts every block of version 2.
+pub const BLOCK_MAGIC: &[u8; 4] = b"TCWB";
 /// Where the version field is.
 pub const VERSION_OFFSET: usize = 8;
 
@@ -24,8 +29,21 @@ pub struct Layout {
     pub header: Value,
     /// Offset of the first record (after the header's CRC).
     pub header_end: usize,
-    /// `(offset, total length)` of every record, header included.
+    /// `(offset, total length)` of every record (version 2: block),
+    /// framing included.
     pub records: Vec<(usize, usize)>,
+}
+
+impl Layout {
+    /// Offset of a byte of the length field of the record (version 2:
+    /// block) at `at`.
+    pub fn length_field(&self, at: usize) -> usize {
+        if self.version >= 2 {
+            at + 5
+        } else {
+            at + 1
+        }
+    }
 }
 
 fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
@@ -49,8 +67,14 @@ pub fn parse_layout(bytes: &[u8]) -> Result<Layout, String> {
     let mut records = Vec::new();
     let mut at = header_end;
     while at < bytes.len() {
-        let len = le_u32(bytes, at).ok_or_else(|| format!("record at {at}: cut in its length"))? as usize;
-        let total = 12 + len;
+        // Version 1: `len kind reserved crc payload`; version 2: `magic len
+        // raw_len codec reserved crc body`.
+        let (len_at, framing) = if version >= 2 { (at + 4, 20) } else { (at, 12) };
+        if version >= 2 && bytes.get(at..at + 4) != Some(&BLOCK_MAGIC[..]) {
+            return Err(format!("block at {at}: no block magic"));
+        }
+        let len = le_u32(bytes, len_at).ok_or_else(|| format!("record at {at}: cut in its length"))? as usize;
+        let total = framing + len;
         if at + total > bytes.len() {
             return Err(format!(
                 "record at {at} ({total} bytes) runs past the end ({})",
@@ -185,7 +209,7 @@ mod tests {
 
     #[test]
     fn layout_of_a_synthetic_file() {
-        let mut file = header_only(FORMAT_VERSION, r#"{"a":1}"#);
+        let mut file = header_only(VERSION_1, r#"{"a":1}"#);
         let header_end = file.len();
         // Two records: 3 and 0 payload bytes.
         for payload in [&b"xyz"[..], &b""[..]] {
@@ -194,12 +218,27 @@ mod tests {
             file.extend_from_slice(payload);
         }
         let l = parse_layout(&file).unwrap();
-        assert_eq!(l.version, FORMAT_VERSION);
+        assert_eq!(l.version, VERSION_1);
         assert_eq!(l.header["a"], 1);
         assert_eq!(l.header_end, header_end);
         assert_eq!(l.records, vec![(header_end, 15), (header_end + 15, 12)]);
-        assert_eq!(parse_layout(&with_version(&file, 2)).unwrap().version, 2);
         assert!(parse_layout(&file[..file.len() - 1]).is_err());
         assert!(parse_layout(b"TRACERCX").is_err());
+        // The same bytes as version 2 are not blocks.
+        assert!(parse_layout(&with_version(&file, 2)).is_err());
+
+        // Version 2: two blocks of 3 and 0 body bytes.
+        let mut file = header_only(FORMAT_VERSION, r#"{"a":1}"#);
+        for body in [&b"xyz"[..], &b""[..]] {
+            file.extend_from_slice(BLOCK_MAGIC);
+            file.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+            file.extend_from_slice(&[0; 12]);
+            file.extend_from_slice(body);
+        }
+        let l = parse_layout(&file).unwrap();
+        assert_eq!(l.version, FORMAT_VERSION);
+        assert_eq!(l.records, vec![(header_end, 23), (header_end + 23, 20)]);
+        assert_eq!(l.length_field(header_end), header_end + 5);
+        assert!(parse_layout(&file[..file.len() - 1]).is_err());
     }
 }

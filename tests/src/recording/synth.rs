@@ -1,12 +1,13 @@
 //! Synthetic recordings, written from docs/recording-format.md alone: an
 //! independent writer, so the tests check the documentation as well as
 //! the reader. Any size (the writer streams), any values (crafted files).
+//! They are version 1 (framed records), which the tracer still reads.
 
 use std::io::{self, Write};
 
 use serde_json::{json, Value};
 
-use super::layout::{crc32_of, header_only, FORMAT_VERSION};
+use super::layout::{crc32_of, header_only, VERSION_1};
 
 /// Record kinds (docs/recording-format.md, "Record kinds").
 pub mod kind {
@@ -51,7 +52,7 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     pub fn new(mut out: W, header: &Value) -> io::Result<Self> {
-        let prefix = header_only(FORMAT_VERSION, &header.to_string());
+        let prefix = header_only(VERSION_1, &header.to_string());
         out.write_all(&prefix)?;
         Ok(Writer {
             out,

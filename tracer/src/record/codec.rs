@@ -1,9 +1,12 @@
 //! Analysis inputs <-> record payloads. Kernel events keep their binary
-//! wire layout (the hot path); everything else is JSON.
+//! wire layout (the hot path; version 2 encodes it field by field in its
+//! blocks, [`super::events`]); everything else is JSON.
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{encode_record, Kind};
+#[cfg(test)]
+use super::format::encode_record;
+use super::format::Kind;
 use crate::{
     correlate::SnapshotSocket,
     decode,
@@ -53,14 +56,22 @@ pub struct SnapshotPart {
     pub total: u64,
 }
 
-/// Appends `input` as framed records: one, except for a snapshot, which
-/// is split into parts of `part_size` sockets ([`SNAPSHOT_PART`]; tests
-/// use small parts, to see many). Kernel events (the bulk) are framed
-/// straight from their bytes, without a copy.
+/// Appends `input` as framed version-1 records: one, except for a
+/// snapshot, which is split into parts of `part_size` sockets
+/// ([`SNAPSHOT_PART`]; tests use small parts, to see many). Tests only:
+/// the tracer writes version 2.
+#[cfg(test)]
 pub fn encode(input: &Input, out: &mut Vec<u8>, part_size: usize) {
+    payloads(input, part_size, |kind, payload| encode_record(out, kind, payload));
+}
+
+/// Gives `input`'s records to `f`, as (kind, payload): one, except for a
+/// snapshot, in parts of `part_size` sockets. Kernel events (the bulk)
+/// are given as their wire bytes, without a copy.
+pub fn payloads(input: &Input, part_size: usize, mut f: impl FnMut(Kind, &[u8])) {
     let (kind, payload) = match input {
-        Input::Kernel(ev) => return encode_record(out, Kind::KernelEvent, kernel_bytes(ev)),
-        Input::Snapshot(s) => return encode_snapshot(s, out, part_size.max(1)),
+        Input::Kernel(ev) => return f(Kind::KernelEvent, kernel_bytes(ev)),
+        Input::Snapshot(s) => return snapshot_parts(s, part_size.max(1), f),
         Input::Process(p) => (Kind::Process, json(p)),
         Input::Stack(s) => (Kind::Stack, json(s)),
         Input::Evidence(e) => (Kind::Evidence, json(e)),
@@ -70,10 +81,10 @@ pub fn encode(input: &Input, out: &mut Vec<u8>, part_size: usize) {
         Input::End(e) => (Kind::End, json(e)),
         Input::Forget(f) => (Kind::Forget, json(f)),
     };
-    encode_record(out, kind, &payload);
+    f(kind, &payload);
 }
 
-fn encode_snapshot(s: &SnapshotInput, out: &mut Vec<u8>, part_size: usize) {
+fn snapshot_parts(s: &SnapshotInput, part_size: usize, mut f: impl FnMut(Kind, &[u8])) {
     // An empty snapshot is still one record: it says when tracing started.
     let chunks: Vec<&[SnapshotSocket]> = if s.sockets.is_empty() {
         vec![&[]]
@@ -89,7 +100,7 @@ fn encode_snapshot(s: &SnapshotInput, out: &mut Vec<u8>, part_size: usize) {
             total: s.sockets.len() as u64,
             sockets,
         });
-        encode_record(out, Kind::Snapshot, &payload);
+        f(Kind::Snapshot, &payload);
     }
 }
 

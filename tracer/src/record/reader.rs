@@ -1,16 +1,22 @@
 //! Reads a recording back as a stream: whole records in order, skipping
 //! (and reporting) corrupted ones, and stopping cleanly at a cut-short end.
+//! Both versions of the format: framed records (1) and compressed blocks
+//! of records (2), whose unit of damage is the block.
 //!
-//! Memory is bounded by the largest record, never by the file: the reader
-//! holds a window of the file from the current offset on, at most one
-//! record (16 MiB) plus one read ahead, and hands out each payload as a
-//! [`Bytes`] view of that window, without a copy.
+//! Memory is bounded by the largest record or block, never by the file:
+//! the reader holds a window of the file from the current offset on, at
+//! most one record (16 MiB) or block (32 MiB, and its decoded records) plus
+//! one read ahead, and hands out each payload as a [`Bytes`] view.
 
 use std::{fs::File, io::Read, path::Path};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
-use super::format::{self, Kind, MAX_RECORD, RECORD_HEADER};
+use super::{
+    block::{self, BlockRecords},
+    events,
+    format::{self, Kind, BLOCK_HEADER, MAX_RECORD, RECORD_HEADER},
+};
 
 /// Bytes asked of the file at a time (more when a record needs more).
 const READ_CHUNK: usize = 256 << 10;
@@ -34,16 +40,19 @@ pub enum OpenError {
 /// Something wrong inside the file, reported and survived.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Damage {
-    /// Bytes at `offset` did not form a valid record; `skipped` bytes were
-    /// passed over to the next valid one.
+    /// Bytes at `offset` did not form a valid record (version 2: block);
+    /// `skipped` bytes were passed over to the next valid one. A block
+    /// whose checksum is right but whose records are malformed is skipped
+    /// from the first malformed record on, reported at the block.
     Corrupt { offset: u64, skipped: u64 },
-    /// The file ends inside a record (the tracer was killed, or the disk
-    /// filled): everything before `offset` was read.
+    /// The file ends inside a record (version 2: block): the tracer was
+    /// killed, or the disk filled. Everything before `offset` was read.
     Truncated { offset: u64 },
 }
 
 #[derive(Debug)]
 pub struct Record {
+    /// Where the record is in the file (version 2: its block).
     pub offset: u64,
     /// Known kind, or None for a kind from a newer minor writer (skipped).
     pub kind: Option<Kind>,
@@ -69,6 +78,8 @@ enum Parsed {
 pub struct Reader<R> {
     pub path: String,
     pub header: serde_json::Value,
+    /// The format version (1 or 2).
+    pub version: u32,
     /// The file's size, when known (for progress messages).
     pub size: Option<u64>,
     src: R,
@@ -76,10 +87,17 @@ pub struct Reader<R> {
     window: BytesMut,
     pos: u64,
     eof: bool,
-    /// Payload length of the valid record at the window's start, found
-    /// while resynchronising (so its CRC is not computed twice).
+    /// Payload length of the valid record (version 2: block body) at the
+    /// window's start, found while resynchronising (so its CRC is not
+    /// computed twice).
     ready: Option<usize>,
     done: bool,
+    /// Version 2: the block being read, and its offset and length.
+    block: Option<(BlockRecords, u64, u64)>,
+    /// Version 2: the kernel-event context, kept between blocks (reset
+    /// at each) to spare its allocation.
+    events: Option<events::Context>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 impl Reader<File> {
@@ -102,6 +120,7 @@ impl<R: Read> Reader<R> {
         let mut r = Reader {
             path,
             header: serde_json::Value::Null,
+            version: 0,
             size: None,
             src,
             window: BytesMut::new(),
@@ -109,6 +128,9 @@ impl<R: Read> Reader<R> {
             eof: false,
             ready: None,
             done: false,
+            block: None,
+            events: None,
+            decompressor: None,
         };
         let io = |r: &Reader<R>, e: std::io::Error| OpenError::Io {
             path: r.path.clone(),
@@ -153,12 +175,20 @@ impl<R: Read> Reader<R> {
         }
         r.header = serde_json::from_slice(header_bytes).map_err(|_| bad(&r))?;
         r.consume(hend + 4);
+        r.version = version;
+        if version > format::VERSION_1 {
+            r.events = Some(events::Context::default());
+            r.decompressor = Some(zstd::bulk::Decompressor::new().map_err(|e| io(&r, e))?);
+        }
         Ok(r)
     }
 
     /// The next record or damage, in file order; None at the end. Only
     /// I/O errors are errors: damage is an [`Item`].
     pub fn next(&mut self) -> std::io::Result<Option<Item>> {
+        if self.version > format::VERSION_1 {
+            return self.next_v2();
+        }
         if self.done {
             return Ok(None);
         }
@@ -195,6 +225,128 @@ impl<R: Read> Reader<R> {
                     skipped: self.pos - start,
                 })));
             }
+        }
+    }
+
+    /// Version 2: the next record of the current block, or of the next
+    /// valid block; damage as it is met.
+    fn next_v2(&mut self) -> std::io::Result<Option<Item>> {
+        loop {
+            if let Some((records, offset, len)) = self.block.as_mut() {
+                let (offset, len) = (*offset, *len);
+                match records.next() {
+                    Some(Ok((kind, payload))) => {
+                        return Ok(Some(Item::Record(Record {
+                            offset,
+                            kind: Kind::from_u16(kind),
+                            payload,
+                        })))
+                    }
+                    Some(Err(_)) => {
+                        self.end_block();
+                        return Ok(Some(Item::Damage(Damage::Corrupt { offset, skipped: len })));
+                    }
+                    None => self.end_block(),
+                }
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let len = match self.ready.take() {
+                Some(len) => len,
+                None => {
+                    if !self.fill(1)? {
+                        self.done = true;
+                        return Ok(None);
+                    }
+                    match self.parse_block()? {
+                        Parsed::Ok(len) => len,
+                        bad => return self.resync_block(bad).map(Some),
+                    }
+                }
+            };
+            if let Some(damage) = self.take_block(len) {
+                return Ok(Some(Item::Damage(damage)));
+            }
+        }
+    }
+
+    /// The block's records are all read (or the rest lost): its context
+    /// goes back for the next.
+    fn end_block(&mut self) {
+        if let Some((records, _, _)) = self.block.take() {
+            self.events = Some(records.into_context());
+        }
+    }
+
+    /// Looks for the next valid block past a bad one at the window's
+    /// start: the damage, the valid block (if any) being `ready`.
+    fn resync_block(&mut self, bad: Parsed) -> std::io::Result<Item> {
+        // A "cut short" block may be a corrupted length field: look for a
+        // valid block further on first.
+        let start = self.pos;
+        loop {
+            self.consume(1);
+            if !self.fill(1)? {
+                self.done = true;
+                return Ok(Item::Damage(match bad {
+                    Parsed::Truncated => Damage::Truncated { offset: start },
+                    _ => Damage::Corrupt {
+                        offset: start,
+                        skipped: self.pos - start,
+                    },
+                }));
+            }
+            // Only where a block's magic starts (cheap to rule out).
+            if self.window[0] != format::BLOCK_MAGIC[0] {
+                continue;
+            }
+            if let Parsed::Ok(len) = self.parse_block()? {
+                self.ready = Some(len);
+                return Ok(Item::Damage(Damage::Corrupt {
+                    offset: start,
+                    skipped: self.pos - start,
+                }));
+            }
+        }
+    }
+
+    /// Is there a whole block with the right checksum at the window's
+    /// start? Its body length if so.
+    fn parse_block(&mut self) -> std::io::Result<Parsed> {
+        if !self.fill(BLOCK_HEADER)? {
+            return Ok(Parsed::Truncated);
+        }
+        let Some((len, _, _)) = block::parse_header(&self.window[..BLOCK_HEADER]) else {
+            return Ok(Parsed::Bad);
+        };
+        if !self.fill(BLOCK_HEADER + len)? {
+            return Ok(Parsed::Truncated);
+        }
+        Ok(if block::crc_ok(&self.window, len) {
+            Parsed::Ok(len)
+        } else {
+            Parsed::Bad
+        })
+    }
+
+    /// Takes the valid block of body length `len` at the window's start
+    /// and starts reading its records; damage if it does not decompress.
+    fn take_block(&mut self, len: usize) -> Option<Damage> {
+        let offset = self.pos;
+        let (_, codec, raw_len) = block::parse_header(&self.window[..BLOCK_HEADER]).expect("checked by parse_block");
+        self.consume(BLOCK_HEADER);
+        let body = self.window.split_to(len);
+        self.pos += len as u64;
+        let total = (BLOCK_HEADER + len) as u64;
+        let dec = self.decompressor.as_mut().expect("version 2");
+        match block::decompress(dec, codec, raw_len, &body) {
+            Ok(raw) => {
+                let events = self.events.take().unwrap_or_default();
+                self.block = Some((BlockRecords::new(raw, events), offset, total));
+                None
+            }
+            Err(_) => Some(Damage::Corrupt { offset, skipped: total }),
         }
     }
 
@@ -267,7 +419,7 @@ impl<R: Read> Reader<R> {
     /// Bytes held in memory now (tests: the bound).
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.window.capacity()
+        self.window.capacity() + self.block.as_ref().map_or(0, |(b, _, _)| b.raw_len())
     }
 }
 
@@ -284,7 +436,7 @@ mod tests {
     const HEADER: &[u8] = br#"{"tracer_version":"test"}"#;
 
     fn sample(n: usize) -> Vec<u8> {
-        let mut f = encode_file_header(HEADER);
+        let mut f = encode_file_header(format::VERSION_1, HEADER);
         for i in 0..n {
             encode_record(&mut f, Kind::Tick, &(i as u64).to_le_bytes());
         }
@@ -292,7 +444,7 @@ mod tests {
     }
 
     fn body_start() -> usize {
-        encode_file_header(HEADER).len()
+        encode_file_header(format::VERSION_1, HEADER).len()
     }
 
     fn open(data: &[u8]) -> Result<Reader<&[u8]>, OpenError> {
@@ -459,7 +611,7 @@ mod tests {
         let payload = vec![7u8; 1 << 20];
         let records = 64;
         let src = Generated {
-            pending: encode_file_header(HEADER),
+            pending: encode_file_header(format::VERSION_1, HEADER),
             at: 0,
             left: records,
             payload,
@@ -479,6 +631,75 @@ mod tests {
         assert!(peak < 4 << 20, "the reader held {peak} bytes");
     }
 
+    /// Generates a version-2 recording of `blocks` stored blocks, each of
+    /// one record of an unknown kind and `payload` bytes, on the fly.
+    struct GeneratedV2 {
+        pending: Vec<u8>,
+        at: usize,
+        left: usize,
+        payload: Vec<u8>,
+    }
+
+    impl Read for GeneratedV2 {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.at == self.pending.len() {
+                if self.left == 0 {
+                    return Ok(0);
+                }
+                self.left -= 1;
+                self.pending.clear();
+                self.at = 0;
+                let mut raw = Vec::new();
+                crate::record::events::put_varint(&mut raw, 999);
+                crate::record::events::put_varint(&mut raw, self.payload.len() as u64);
+                raw.extend_from_slice(&self.payload);
+                format::encode_block(&mut self.pending, format::CODEC_STORED, raw.len(), &raw);
+            }
+            let n = buf.len().min(self.pending.len() - self.at);
+            buf[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn version_2_memory_is_bounded_by_the_largest_block_not_the_file() {
+        let blocks = 64;
+        let src = GeneratedV2 {
+            pending: encode_file_header(format::VERSION, HEADER),
+            at: 0,
+            left: blocks,
+            payload: vec![7u8; 1 << 20],
+        };
+        let mut r = Reader::new("x".into(), src).unwrap();
+        let (mut n, mut peak) = (0, 0);
+        while let Some(item) = r.next().unwrap() {
+            let Item::Record(rec) = item else {
+                panic!("damage: {item:?}")
+            };
+            assert_eq!((rec.kind, rec.payload.len()), (None, 1 << 20));
+            n += 1;
+            peak = peak.max(r.held());
+        }
+        assert_eq!(n, blocks);
+        // 64 MiB read with a few MiB held.
+        assert!(peak < 6 << 20, "the reader held {peak} bytes");
+    }
+
+    #[test]
+    fn refuses_version_3() {
+        let mut f = encode_file_header(format::VERSION, HEADER);
+        f[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(
+            open(&f),
+            Err(OpenError::NewerVersion {
+                found: 3,
+                supported: 2,
+                ..
+            })
+        ));
+    }
+
     proptest! {
         /// Any bytes at all: an error or some records, never a panic.
         #[test]
@@ -486,6 +707,11 @@ mod tests {
             if let Ok(r) = open(&data) {
                 let _ = read_all(r);
             }
+            // Behind a version-2 header too.
+            let mut f = encode_file_header(format::VERSION, HEADER);
+            f.extend_from_slice(&data);
+            let mut r = open(&f).unwrap();
+            while r.next().expect("in memory").is_some() {}
         }
 
         /// A valid file with any byte flipped or cut anywhere still reads,

@@ -33,18 +33,25 @@ fn a_200k_socket_snapshot_replays_whole() {
         Input::Tick(t0 + SEC),
         end(t0 + SEC),
     ];
-    let file = write(&header(5000), &inputs, super::codec::SNAPSHOT_PART);
+    let v1 = write_v1(&header(5000), &inputs, super::codec::SNAPSHOT_PART);
     // Whole, the snapshot would be one record over the limit (and dropped
     // as corrupt): the test is about that size.
-    assert!(file.len() > MAX_RECORD as usize, "only {} bytes", file.len());
-    let out = report(&[&file], None).unwrap();
+    assert!(v1.len() > MAX_RECORD as usize, "only {} bytes", v1.len());
+    let v2 = write(&header(5000), &inputs, super::codec::SNAPSHOT_PART);
+    for file in [v1, v2] {
+        a_200k_socket_report(&file, N);
+    }
+}
+
+fn a_200k_socket_report(file: &[u8], n: u64) {
+    let out = report(&[file], None).unwrap();
     let start = &of_type(&out, "start")[0];
-    assert_eq!(start["preexisting_sockets"], N, "{start}");
+    assert_eq!(start["preexisting_sockets"], n, "{start}");
     assert_eq!(damage(&out), Vec::<String>::new());
     let s = summary(&out);
-    assert_eq!(s["stats"]["agent"]["sockets_tracked"], N);
+    assert_eq!(s["stats"]["agent"]["sockets_tracked"], n);
     let leaks = s["leaks"].as_array().unwrap();
-    assert_eq!(leaks.len(), (N / 200) as usize);
+    assert_eq!(leaks.len(), (n / 200) as usize);
     assert!(leaks
         .iter()
         .all(|l| l["close_wait_estimated"] == true && l["pid"] == 42));
@@ -121,7 +128,7 @@ fn crafted_extremes_neither_overflow_nor_wrap() {
     assert_eq!(late[0]["closed_after_ms"], 0, "{}", late[0]);
 }
 
-/// `(offset, length)` of each record after the file header.
+/// `(offset, length)` of each version-1 record after the file header.
 fn records(file: &[u8], body: usize) -> Vec<(usize, usize)> {
     let mut at = body;
     let mut out = Vec::new();
@@ -134,7 +141,17 @@ fn records(file: &[u8], body: usize) -> Vec<(usize, usize)> {
 }
 
 fn body_start() -> usize {
-    write(&header(1000), &[], 4).len()
+    write_v1(&header(1000), &[], 4).len()
+}
+
+/// A version-1 file's records, or a version-2 file's blocks (of one
+/// record each): where a record is, and where its payload is.
+fn units(file: &[u8], v2: bool) -> Vec<(usize, usize)> {
+    if v2 {
+        blocks(file)
+    } else {
+        records(file, body_start())
+    }
 }
 
 #[test]
@@ -142,53 +159,65 @@ fn lost_or_repeated_snapshot_parts_are_reported() {
     let t0 = 10 * SEC;
     let sockets: Vec<_> = (1..=5).map(|c| socket(c, tcp::CLOSE_WAIT, 42, Some(0))).collect();
     let inputs = vec![snapshot(t0, sockets), Input::Tick(t0 + 2 * SEC), end(t0 + 2 * SEC)];
-    let file = write(&header(1000), &inputs, 2);
-    let recs = records(&file, body_start());
-    assert_eq!(recs.len(), 3 + 2, "three parts of 2, 2 and 1 sockets");
+    for v2 in [false, true] {
+        let file = if v2 {
+            write_blocks(&header(1000), &inputs, 2)
+        } else {
+            write_v1(&header(1000), &inputs, 2)
+        };
+        let recs = units(&file, v2);
+        assert_eq!(recs.len(), 3 + 2, "three parts of 2, 2 and 1 sockets");
 
-    // Part 0 damaged: the other parts are used, and their total known.
-    let mut damaged = file.clone();
-    damaged[recs[0].0 + RECORD_HEADER + 3] ^= 0x20;
-    let out = report(&[&damaged], None).unwrap();
-    assert_eq!(of_type(&out, "start")[0]["preexisting_sockets"], 5);
-    assert_eq!(summary(&out)["leaks"].as_array().unwrap().len(), 3);
-    let d = damage(&out);
-    assert_eq!(d.len(), 2, "{d:?}");
-    assert!(d[0].contains("corrupt data at byte"), "{d:?}");
-    assert!(
-        d[1].contains("1 of the 3 parts of the start-up snapshot are missing"),
-        "{d:?}"
-    );
+        // Part 0 damaged: the other parts are used, and their total known.
+        let mut damaged = file.clone();
+        damaged[recs[0].0 + recs[0].1 - 3] ^= 0x20;
+        let out = report(&[&damaged], None).unwrap();
+        assert_eq!(of_type(&out, "start")[0]["preexisting_sockets"], 5);
+        assert_eq!(summary(&out)["leaks"].as_array().unwrap().len(), 3);
+        let d = damage(&out);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].contains("corrupt data at byte"), "{d:?}");
+        assert!(
+            d[1].contains("1 of the 3 parts of the start-up snapshot are missing"),
+            "{d:?}"
+        );
 
-    // Part 1 twice: the copy is skipped and said so.
-    let (at, len) = recs[1];
-    let mut twice = file[..at + len].to_vec();
-    twice.extend_from_slice(&file[at..]);
-    let out = report(&[&twice], None).unwrap();
-    assert_eq!(summary(&out)["leaks"].as_array().unwrap().len(), 5);
-    let d = damage(&out);
-    assert_eq!(d.len(), 1, "{d:?}");
-    assert!(d[0].contains("repeats a part of the start-up snapshot"), "{d:?}");
+        // Part 1 twice: the copy is skipped and said so.
+        let (at, len) = recs[1];
+        let mut twice = file[..at + len].to_vec();
+        twice.extend_from_slice(&file[at..]);
+        let out = report(&[&twice], None).unwrap();
+        assert_eq!(summary(&out)["leaks"].as_array().unwrap().len(), 5);
+        let d = damage(&out);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("repeats a part of the start-up snapshot"), "{d:?}");
+    }
 }
 
 #[test]
 fn records_after_the_end_are_reported() {
     let inputs = vec![Input::Tick(SEC), end(2 * SEC)];
-    let file = write(&header(1000), &inputs, 4);
-    let recs = records(&file, body_start());
-    let mut joined = file.clone();
-    joined.extend_from_slice(&file[recs[0].0..]);
-    let out = report(&[&joined], None).unwrap();
-    let d = damage(&out);
-    assert_eq!(d.len(), 1, "{d:?}");
-    assert!(d[0].contains("follows the end record"), "{d:?}");
-    assert_eq!(summary(&out)["recording"]["ended_early"], false);
+    for v2 in [false, true] {
+        let file = if v2 {
+            write_blocks(&header(1000), &inputs, 4)
+        } else {
+            write_v1(&header(1000), &inputs, 4)
+        };
+        let recs = units(&file, v2);
+        let mut joined = file.clone();
+        joined.extend_from_slice(&file[recs[0].0..]);
+        let out = report(&[&joined], None).unwrap();
+        let d = damage(&out);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("follows the end record"), "{d:?}");
+        assert_eq!(summary(&out)["recording"]["ended_early"], false);
+    }
 }
 
 #[test]
 fn one_record_snapshots_of_earlier_recordings_still_read() {
     let t0 = 10 * SEC;
-    let mut file = write(&header(1000), &[], 4);
+    let mut file = write_v1(&header(1000), &[], 4);
     let sockets: Vec<_> = (1..=3).map(|c| socket(c, tcp::CLOSE_WAIT, 42, Some(0))).collect();
     let old = serde_json::to_vec(&serde_json::json!({"ns": t0, "sockets": sockets})).unwrap();
     encode_record(&mut file, Kind::Snapshot, &old);

@@ -7,6 +7,7 @@ use serde_json::Value;
 use tracer_common::{tcp, EventKind, FdEvent, Header as EventHeader, StateEvent, NO_STACK};
 
 use super::{
+    codec, format,
     reader::Reader,
     writer::{Header, HeaderOptions, Recorder},
 };
@@ -46,6 +47,58 @@ pub fn write(header: &Header, inputs: &[Input], part: usize) -> Vec<u8> {
         r.write(input).expect("in memory");
     }
     r.into_inner()
+}
+
+/// The same, in blocks that end once their records pass `block_target`
+/// bytes (1: every record in a block of its own).
+pub fn write_with(header: &Header, inputs: &[Input], part: usize, block_target: usize) -> Vec<u8> {
+    let mut r = Recorder::new(Vec::new(), header)
+        .expect("in memory")
+        .with_snapshot_part(part)
+        .with_block_target(block_target);
+    for input in inputs {
+        r.write(input).expect("in memory");
+    }
+    r.into_inner()
+}
+
+/// The same, each record in a block of its own: damage to a block then
+/// hits one record.
+pub fn write_blocks(header: &Header, inputs: &[Input], part: usize) -> Vec<u8> {
+    let mut r = Recorder::new(Vec::new(), header)
+        .expect("in memory")
+        .with_snapshot_part(part)
+        .with_block_target(1);
+    for input in inputs {
+        r.write(input).expect("in memory");
+    }
+    r.into_inner()
+}
+
+/// `(offset, length)` of each version-2 block of `file`, from the lengths
+/// alone (no checksum is checked).
+pub fn blocks(file: &[u8]) -> Vec<(usize, usize)> {
+    let hlen = u32::from_le_bytes(file[12..16].try_into().expect("a header")) as usize;
+    let mut at = 16 + hlen + 4;
+    let mut out = Vec::new();
+    while at + format::BLOCK_HEADER <= file.len() {
+        let len = u32::from_le_bytes(file[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+        let total = (format::BLOCK_HEADER + len).min(file.len() - at);
+        out.push((at, total));
+        at += total;
+    }
+    out
+}
+
+/// A version-1 recording of the same inputs, as the tracer wrote them
+/// before version 2 (framed records, uncompressed).
+pub fn write_v1(header: &Header, inputs: &[Input], part: usize) -> Vec<u8> {
+    let json = serde_json::to_vec(header).expect("serializes");
+    let mut out = format::encode_file_header(format::VERSION_1, &json);
+    for input in inputs {
+        codec::encode(input, &mut out, part);
+    }
+    out
 }
 
 pub fn replay<'a>(files: &[&'a [u8]]) -> anyhow::Result<Replay<&'a [u8]>> {
