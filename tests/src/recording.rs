@@ -10,9 +10,11 @@
 //! * [`checks`]: the fixture server and clients the recording tests use,
 //!   and the checks they share (the recorder's contract, warnings, the
 //!   report's shape, leaks against `ss`).
+//! * [`churn`]: a loopback churn in a process of its own, to record.
 //! * [`exports`]: checking `tracer export` output.
 
 pub mod checks;
+pub mod churn;
 pub mod exports;
 pub mod layout;
 pub mod synth;
