@@ -2,13 +2,15 @@
 //! they were taken: each distinct content is sent once per process to the
 //! agent's catalogue, and the socket's record keeps the content key.
 
-use aya_ebpf::EbpfContext;
-use tracer_common::{stats, Header, StacksTaken, NO_STACK, STACKS_KERNEL, STACKS_OFF, STACKS_SAMPLED_OUT, STACKS_USER};
+use aya_ebpf::{maps::PerCpuArray, EbpfContext};
+use tracer_common::{
+    stats, Header, StacksTaken, NO_STACK, STACKS_KERNEL, STACKS_OFF, STACKS_SAMPLED_OUT, STACKS_USER, STACK_CATALOGUED,
+};
 
 use crate::{
     config, emit, kstack,
-    maps::{self, Counters, StackContent},
-    ustack,
+    maps::{self, Counters, Scratch, StackContent},
+    scratch, ustack,
 };
 
 /// FNV-1a's offset basis and prime, over 64-bit words.
@@ -21,15 +23,49 @@ pub fn mix(hash: u64, word: u64) -> u64 {
 }
 
 #[inline(always)]
-pub fn known(tgid: u32, key: u64) -> bool {
+fn known(tgid: u32, key: u64) -> bool {
     maps::KNOWN_STACKS
         .get_ptr(&StackContent { tgid, _pad: 0, key })
         .is_some()
 }
 
 #[inline(always)]
-pub fn remember(tgid: u32, key: u64) {
+fn remember(tgid: u32, key: u64) {
     let _ = maps::KNOWN_STACKS.insert(&StackContent { tgid, _pad: 0, key }, &1, 0);
+}
+
+/// Builds a stack record in `slots` with `build` (its valid length and
+/// content key, or a `-errno`) and sends it to the agent's catalogue unless
+/// the catalogue already holds `owner`'s stack with that key. Returns
+/// [`STACK_CATALOGUED`] and the key, or a counted stack error.
+#[inline(always)]
+pub fn send_once<T>(
+    slots: &PerCpuArray<Scratch<T>>,
+    set: Counters,
+    owner: u32,
+    build: impl FnOnce(&mut T) -> Result<(usize, u64), i32>,
+    header: impl FnOnce(&mut T) -> &mut Header,
+) -> (i32, u64) {
+    let mut key = 0u64;
+    let mut sent = false;
+    let r = scratch::send_built(slots, set, STACK_CATALOGUED, |record| {
+        let (len, k) = build(record)?;
+        key = k;
+        let h = header(record);
+        h.ustack = STACK_CATALOGUED;
+        h.kstack = NO_STACK;
+        h.cookie = 0;
+        h.skaddr = k;
+        if known(owner, k) {
+            return Ok(None);
+        }
+        sent = true;
+        Ok(Some(len))
+    });
+    if r == STACK_CATALOGUED && sent {
+        remember(owner, key);
+    }
+    (r, key)
 }
 
 /// The current task's stacks for a socket record. `open`: within the

@@ -4,7 +4,7 @@
 //! fill, collide in or free.
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_get_stack, EbpfContext};
-use tracer_common::{EventKind, Header, KernelStackEvent, KSTACK_SENT, MAX_KERNEL_FRAMES, NO_STACK, STACK_CATALOGUED};
+use tracer_common::{EventKind, Header, KernelStackEvent, KSTACK_SENT, MAX_KERNEL_FRAMES};
 
 use crate::{catalog, maps, maps::Counters, scratch};
 
@@ -26,32 +26,23 @@ pub fn capture<C: EbpfContext>(ctx: &C, h: &Header, set: Counters) -> i32 {
 /// Returns [`STACK_CATALOGUED`] and the content key, or a counted error.
 #[inline(always)]
 pub fn capture_catalogued<C: EbpfContext>(ctx: &C, h: &Header, set: Counters) -> (i32, u64) {
-    let mut key = 0u64;
-    let mut sent = false;
-    let r = scratch::send_built(&maps::KSTACK_SCRATCH, set, STACK_CATALOGUED, |ev| {
-        let (len, n) = build(ctx, ev, h)?;
-        let mut hash = catalog::SEED;
-        for i in 0..MAX_KERNEL_FRAMES {
-            if i >= n {
-                break;
+    catalog::send_once(
+        &maps::KSTACK_SCRATCH,
+        set,
+        0,
+        |ev| {
+            let (len, n) = build(ctx, ev, h)?;
+            let mut hash = catalog::SEED;
+            for i in 0..MAX_KERNEL_FRAMES {
+                if i >= n {
+                    break;
+                }
+                hash = catalog::mix(hash, ev.ips[i]);
             }
-            hash = catalog::mix(hash, ev.ips[i]);
-        }
-        key = hash;
-        ev.header.ustack = STACK_CATALOGUED;
-        ev.header.kstack = NO_STACK;
-        ev.header.cookie = 0;
-        ev.header.skaddr = hash;
-        if catalog::known(0, hash) {
-            return Ok(None);
-        }
-        sent = true;
-        Ok(Some(len))
-    });
-    if r == STACK_CATALOGUED && sent {
-        catalog::remember(0, key);
-    }
-    (r, key)
+            Ok((len, hash))
+        },
+        |ev| &mut ev.header,
+    )
 }
 
 /// Fills the record for `h`; returns its valid length and frame count.

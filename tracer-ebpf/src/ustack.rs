@@ -18,8 +18,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
 };
 use tracer_common::{
-    stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, STACK_CATALOGUED,
-    USTACK_WALKED,
+    stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, USTACK_WALKED,
 };
 
 use crate::{catalog, maps, maps::Counters, scratch};
@@ -65,30 +64,20 @@ pub fn walk(h: &Header, set: Counters) -> i32 {
 /// content key, or a counted stack error.
 #[inline(always)]
 pub fn walk_catalogued(h: &Header, set: Counters) -> (i32, u64) {
-    let mut key = 0u64;
-    let mut sent = false;
     // The interpreter slots identify a JVM's interpreted frames; elsewhere
     // they are locals, new in every call, which would make every stack
     // look new. The agent lists the processes it found not to run a JVM.
     let native = maps::NATIVE_PIDS.get_ptr(&h.tgid).is_some();
-    let r = scratch::send_built(&maps::USTACK_SCRATCH, set, STACK_CATALOGUED, |ev| {
-        let (len, with_slots, pcs_only) = build(ev, h, set);
-        let hash = if native { pcs_only } else { with_slots };
-        key = hash;
-        ev.header.ustack = STACK_CATALOGUED;
-        ev.header.kstack = tracer_common::NO_STACK;
-        ev.header.cookie = 0;
-        ev.header.skaddr = hash;
-        if catalog::known(h.tgid, hash) {
-            return Ok(None);
-        }
-        sent = true;
-        Ok(Some(len))
-    });
-    if r == STACK_CATALOGUED && sent {
-        catalog::remember(h.tgid, key);
-    }
-    (r, key)
+    catalog::send_once(
+        &maps::USTACK_SCRATCH,
+        set,
+        h.tgid,
+        |ev| {
+            let (len, with_slots, pcs_only) = build(ev, h, set);
+            Ok((len, if native { pcs_only } else { with_slots }))
+        },
+        |ev| &mut ev.header,
+    )
 }
 
 /// Fills the record for `h`; returns its valid length and its content key,
