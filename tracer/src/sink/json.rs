@@ -22,17 +22,19 @@ impl<W: Write> JsonSink<W> {
         self.out
     }
 
+    /// One object: "type" first, then the body's fields, serialized
+    /// straight to the output (with `--events` this runs for every kernel
+    /// event: going through a `serde_json::Value` cost most of the agent's
+    /// time there).
     fn line<T: Serialize>(&mut self, kind: &str, body: &T) -> io::Result<()> {
-        let mut v = serde_json::to_value(body).map_err(io::Error::other)?;
-        if let Some(obj) = v.as_object_mut() {
-            // "type" first reads better; serde_json keeps insertion order
-            // only with preserve_order, so build a fresh map.
-            let mut m = serde_json::Map::with_capacity(obj.len() + 1);
-            m.insert("type".into(), json!(kind));
-            m.extend(std::mem::take(obj));
-            v = serde_json::Value::Object(m);
+        #[derive(Serialize)]
+        struct Typed<'a, T> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            #[serde(flatten)]
+            body: &'a T,
         }
-        serde_json::to_writer(&mut self.out, &v).map_err(io::Error::other)?;
+        serde_json::to_writer(&mut self.out, &Typed { kind, body }).map_err(io::Error::other)?;
         self.out.write_all(b"\n")
     }
 }
