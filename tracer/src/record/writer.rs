@@ -144,6 +144,11 @@ impl Recorder<File> {
             "--rotate needs --max-size and at least one file"
         );
         remove_stale_segments(path)?;
+        eprintln!(
+            "tracer: --rotate {keep}: the recording goes to {}, {}, ... (the last {keep} kept)",
+            segment_path(path, 0).display(),
+            segment_path(path, 1).display()
+        );
         let base = path.to_path_buf();
         let open = move |index| {
             let p = segment_path(&base, index);
