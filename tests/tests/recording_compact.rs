@@ -231,12 +231,13 @@ fn rotation_keeps_n_files_whose_union_reports_the_recording() {
             "the owner's command line, recorded in an older file: {l}"
         );
     }
-    // Each recording counts from zero; the files' counters add up to the
-    // recording's, not more.
-    let generated = |o: &TracerOutput| kernel(o, "generated");
+    // Each file counts from its start: the kept files' counters add up to
+    // what happened in them, about the other recording's (two tracers
+    // attach and stop a moment apart), not to the sum of running totals.
+    let generated = |o: &TracerOutput| kernel(o, "generated") as f64;
     assert!(
-        generated(&union) <= generated(&full),
-        "{} > {}",
+        generated(&union) <= generated(&full) * 1.05,
+        "{} events generated in the kept files, {} in the whole recording",
         generated(&union),
         generated(&full)
     );

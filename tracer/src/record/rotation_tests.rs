@@ -303,3 +303,38 @@ fn without_rotate_max_size_stops_the_recording_with_a_clean_end() {
     assert_eq!(s["recording"]["records"], n as u64 + 2);
     assert_eq!(s["stats"]["kernel"]["generated"], 5);
 }
+
+#[test]
+fn counters_add_up_when_they_fill_a_file() {
+    const MAX: u64 = 2560;
+    // Counters between every few events: some of them are what passes a
+    // file's size, and go in the next file, relative to it.
+    let mut inputs = vec![snapshot(0, vec![])];
+    let churn = churn(SEC, 1, 4000);
+    for (i, chunk) in churn.chunks(40).enumerate() {
+        inputs.extend(chunk.iter().cloned());
+        let n = i as u64 + 1;
+        inputs.push(stats(SEC + n * MS, &[("generated", 40 * n), ("ringbuf_drops", n / 7)]));
+    }
+    let last = (churn.len() as u64).div_ceil(40);
+    inputs.push(end(10 * SEC));
+    let (mut r, files) = rotating(&header_max(MAX), 1000);
+    for i in &inputs {
+        r.write(i).unwrap();
+    }
+    drop(r);
+    let all = kept(&files);
+    assert!(all.len() > 3, "{} files", all.len());
+    for (i, f) in &all {
+        assert!(f.len() as u64 <= MAX, "file {i}: {} bytes", f.len());
+    }
+    let set: Vec<&[u8]> = all.iter().map(|(_, f)| &f[..]).collect();
+    let out = report(&set, None).unwrap();
+    assert_eq!(damage(&out), Vec::<String>::new());
+    let k = &summary(&out)["stats"]["kernel"];
+    assert_eq!(
+        (&k["generated"], &k["ringbuf_drops"]),
+        (&(40 * last).into(), &(last / 7).into()),
+        "{k}"
+    );
+}

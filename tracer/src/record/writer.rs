@@ -119,10 +119,12 @@ struct Segments<W> {
     /// first, so a socket of an earlier (maybe removed) file keeps them.
     names: BTreeMap<u32, Vec<u8>>,
     stacks: BTreeMap<(u32, i32), Vec<u8>>,
-    /// Kernel counters when this file started: each recording counts from
-    /// zero, so a file's counters are written relative to them, and
-    /// `report` of the files summed gives the totals.
+    /// Kernel counters when this file started (the last written in the
+    /// file before): each recording counts from zero, so a file's counters
+    /// are written relative to them, and `report` of the files summed
+    /// gives the totals.
     base: KernelStats,
+    /// The last counters written.
     last_stats: KernelStats,
 }
 
@@ -315,13 +317,23 @@ impl<W: Write> Recorder<W> {
         self.note(input);
         self.stage(input);
         if let Some(max) = self.max_size {
-            // Keep room for the final Stats and End records.
-            if !matches!(input, Input::End(_) | Input::Stats(_)) && self.over(max) {
+            // Room is kept for the End record, and without rotation for the
+            // final counters (the agent writes nothing else once full).
+            let exempt = match input {
+                Input::End(_) => true,
+                Input::Stats(_) => self.segments.is_none(),
+                _ => false,
+            };
+            if !exempt && self.over(max) {
                 // The size of what is gathered is known once compressed.
                 self.seal()?;
                 if self.over(max) {
                     match &self.segments {
-                        Some(_) if self.has_content => self.rotate()?,
+                        Some(_) if self.has_content => {
+                            self.rotate()?;
+                            // Counters are written relative to the new file.
+                            self.stage(input);
+                        }
                         // A file of its prefix alone takes the record.
                         Some(_) => {}
                         None => return Ok(Written::Full),
@@ -340,6 +352,9 @@ impl<W: Write> Recorder<W> {
             }
         }
         self.has_content = true;
+        if let (Input::Stats(st), Some(s)) = (input, self.segments.as_mut()) {
+            s.last_stats = st.kernel;
+        }
         Ok(Written::Ok)
     }
 
@@ -383,7 +398,6 @@ impl<W: Write> Recorder<W> {
                     s.stacks.remove(&(k.pid, k.id));
                 }
             }
-            Input::Stats(st) => s.last_stats = st.kernel,
             _ => {}
         }
     }
