@@ -174,8 +174,11 @@ fn on_close_wait(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
 fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
     let cookie = cookie(sk);
     let entry = maps::CLOSE_WAIT.get_ptr(&cookie);
+    // The agent knows the sockets its start-up snapshot found in
+    // CLOSE_WAIT (in `WATCH`), even those the kernel side saw enter it
+    // between attaching and the snapshot.
     let send = match entry {
-        Some(cw) => known_to_agent(cw),
+        Some(cw) => known_to_agent(cw) || maps::WATCH.get_ptr(&cookie).is_some(),
         // Not seen entering it: older than the tracer (the agent has it
         // from the snapshot), or spilled through the ring buffer.
         None => is_tcp(sk) && (config::filter_tgid() == 0 || maps::WATCH.get_ptr(&cookie).is_some()),

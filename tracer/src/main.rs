@@ -72,12 +72,12 @@ fn main() -> ExitCode {
                         "--rotate needs --max-size: the size at which the recording goes on in the next file"
                     );
                 }
-                record::writer::configure(record::writer::Options { rotate: a.rotate });
                 live::run(
                     a.trace,
                     live::Output::Record {
                         path: a.output,
                         max_size: a.max_size,
+                        rotate: a.rotate,
                     },
                 )
                 .await

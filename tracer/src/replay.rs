@@ -419,6 +419,9 @@ pub fn analyse<R: Read>(
         Some("signal") => "signal",
         Some("process_exit") => "process_exit",
         Some("max_size") => "max_size",
+        // The last file read was rotated: the recording goes on in a file
+        // not given (or no longer kept).
+        Some("rotated") => "rotated",
         _ => "recording_ends_early",
     };
     let mut summary = engine.summary(reason, 0, sink).map_err(out)?;

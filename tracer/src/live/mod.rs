@@ -16,11 +16,13 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use netlink_packet_sock_diag::inet::StateFlags;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
     time::{interval, Instant, MissedTickBehavior},
 };
+use tracer_common::tcp;
 
 use evidence_job::wait_evidence;
 use session::Session;
@@ -33,7 +35,7 @@ use crate::{
     input::{ExitInput, Input, ProcessInput, SnapshotInput},
     kernel::{Kernel, LoadOptions},
     procs::{self},
-    record::writer::{Header, HeaderOptions, Recorder},
+    record::writer::{segment_path, Header, HeaderOptions, Recorder},
     sink::{self, Sink, Start},
     snapshot,
 };
@@ -50,8 +52,16 @@ const WAKEUP_FRACTION: u64 = 4;
 
 /// Where findings go: stdout (`live`), or a file (`record`).
 pub enum Output {
-    Live { json: bool, events: bool },
-    Record { path: PathBuf, max_size: Option<u64> },
+    Live {
+        json: bool,
+        events: bool,
+    },
+    Record {
+        path: PathBuf,
+        max_size: Option<u64>,
+        /// `--rotate N`: the recording goes on in N files in turn.
+        rotate: Option<u32>,
+    },
 }
 
 struct RawFdRef(RawFd);
@@ -79,7 +89,9 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     let leak_after_ns = args.leak_after.as_nanos() as u64;
     // Create the file before the (slow) load, so a bad path fails fast.
     let recorder = match &output {
-        Output::Record { path, max_size } => Some(Recorder::create(path, &header(&args, wall, *max_size))?),
+        Output::Record { path, max_size, rotate } => {
+            Some(Recorder::create(path, &header(&args, wall, *max_size), *rotate)?)
+        }
         Output::Live { .. } => None,
     };
     // Every event is sent only where every event is wanted: `--events`
@@ -122,7 +134,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         follow,
     );
 
-    let snap = snapshot_inputs(&mut kernel, args.pid)?;
+    let snap = snapshot_inputs(&mut kernel, args.pid, follow.is_some())?;
     let preexisting = snap.sockets.len();
     for pid in snap
         .sockets
@@ -143,11 +155,12 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         leak_after_ms: leak_after_ns / 1_000_000,
         preexisting_sockets: preexisting,
     })?;
-    if let Output::Record { path, .. } = &output {
-        eprintln!(
-            "tracer: recording to {} ({preexisting} sockets already open); Ctrl-C to stop",
-            path.display()
-        );
+    if let Output::Record { path, rotate, .. } = &output {
+        let to = match rotate {
+            None => path.display().to_string(),
+            Some(_) => format!("{}.*", path.display()),
+        };
+        eprintln!("tracer: recording to {to} ({preexisting} sockets already open); Ctrl-C to stop");
     }
 
     // SAFETY (both): the fds belong to `kernel` and `pidfd`, declared
@@ -239,12 +252,21 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
             .or_else(|e| output_error(e).map(|_| ()))?;
     }
     if let (Output::Record { path, .. }, Some(r)) = (&output, &s.recorder) {
-        eprintln!(
-            "tracer: wrote {} ({}); analyse it with `tracer report {}`",
-            path.display(),
-            size(r.written),
-            path.display()
-        );
+        match r.current_segment() {
+            None => eprintln!(
+                "tracer: wrote {} ({}); analyse it with `tracer report {}`",
+                path.display(),
+                size(r.written),
+                path.display()
+            ),
+            Some(last) => eprintln!(
+                "tracer: wrote {} files up to {} ({} in all; the older ones beyond --rotate removed); analyse them with `tracer report {}.*`",
+                last + 1,
+                segment_path(path, last).display(),
+                size(r.written),
+                path.display()
+            ),
+        }
     }
     Ok(())
 }
@@ -290,8 +312,12 @@ fn output_error(e: io::Error) -> Result<&'static str> {
 
 /// The sockets that exist now. With `--pid`, they are also added to the
 /// kernel's watch list, and read a second time so that a state change
-/// between the two reads is not lost.
-fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInput> {
+/// between the two reads is not lost. With sockets followed in the kernel
+/// (`follow`), those in CLOSE_WAIT are likewise added (so the kernel side
+/// sends their leaving it, even when it saw them enter it, between
+/// attaching and the snapshot) and read again: one that left CLOSE_WAIT
+/// before it was added is dropped, or it would stay there for ever.
+fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>, follow: bool) -> Result<SnapshotInput> {
     // Stamped *before* reading: every event after this stamp is applied on
     // top of the snapshot (replaying a change the dump already saw is
     // harmless; ignoring one it missed would keep a closed socket alive).
@@ -307,6 +333,16 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>) -> Result<SnapshotInpu
             .into_iter()
             .filter(|s| watched.contains(&s.cookie))
             .collect();
+    } else if follow {
+        for s in snap.iter().filter(|s| s.state == tcp::CLOSE_WAIT) {
+            kernel.watch(s.cookie, 0);
+        }
+        let still: HashSet<u64> = snapshot::dump_tcp(StateFlags::CLOSE_WAIT)
+            .context("reading existing sockets (sock_diag)")?
+            .into_iter()
+            .map(|s| s.cookie)
+            .collect();
+        snap.retain(|s| s.state != tcp::CLOSE_WAIT || still.contains(&s.cookie));
     }
     Ok(SnapshotInput { ns, sockets: snap })
 }

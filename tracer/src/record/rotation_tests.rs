@@ -179,7 +179,7 @@ fn rotated_files_each_stand_alone_and_together_are_the_recording() {
         assert_eq!(damage(&out), Vec::<String>::new(), "file {i}");
         let reason = summary(&out)["reason"].clone();
         if *i + 1 < all.len() {
-            assert_eq!(reason, "recording_ends_early", "file {i}: rotated");
+            assert_eq!(reason, "rotated", "file {i}: the recording goes on in the next");
         } else {
             assert_eq!(reason, "duration", "the last file");
         }

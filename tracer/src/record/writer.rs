@@ -11,7 +11,6 @@ use std::{
     io::{self, Write},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::OnceLock,
 };
 
 use anyhow::{Context as _, Result};
@@ -44,21 +43,6 @@ pub struct HeaderOptions {
     pub pid: Option<u32>,
     pub leak_after_ms: u64,
     pub max_size: Option<u64>,
-}
-
-/// What `tracer record` asks of the recorder beyond its header: set once
-/// by `main` before recording starts ([`configure`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Options {
-    /// Files kept when rotating (`--rotate N`); None: one file.
-    pub rotate: Option<u32>,
-}
-
-static OPTIONS: OnceLock<Options> = OnceLock::new();
-
-/// Sets the options every [`Recorder::create`] of this process uses.
-pub fn configure(options: Options) {
-    let _ = OPTIONS.set(options);
 }
 
 /// Room kept under `--max-size` for the final Stats and End records (and
@@ -135,9 +119,10 @@ pub enum Written {
 }
 
 impl Recorder<File> {
-    pub fn create(path: &Path, header: &Header) -> Result<Self> {
-        let options = OPTIONS.get().copied().unwrap_or_default();
-        let Some(keep) = options.rotate else {
+    /// A recording to `path`; with `rotate` (`--rotate N`), to its
+    /// segments `path.000000`, ... of which the last N are kept.
+    pub fn create(path: &Path, header: &Header, rotate: Option<u32>) -> Result<Self> {
+        let Some(keep) = rotate else {
             let file = create_file(path)?;
             return Recorder::new(file, header).with_context(|| format!("cannot write {}", path.display()));
         };
@@ -248,6 +233,11 @@ impl<W: Write> Recorder<W> {
         });
         r.start_file(first, Some(0))?;
         Ok(r)
+    }
+
+    /// The file written now: `segment_path(path, index)` when rotating.
+    pub fn current_segment(&self) -> Option<u64> {
+        self.segments.as_ref().map(|s| s.index)
     }
 
     fn empty(header: &Header) -> io::Result<Self> {

@@ -90,7 +90,7 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recording: Option<RecordingInfo>,
     /// Why tracing stopped: "duration", "signal", "process_exit",
-    /// "max_size" (a recording's), or for `report` the recorder's reason,
+    /// "max_size" or "rotated" (a recording's), or for `report` the recorder's reason,
     /// "recording_ends_early" when the file has no end record. (A closed
     /// stdout ends tracing without a summary: nowhere to write it.)
     pub reason: &'static str,
