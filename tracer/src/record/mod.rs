@@ -14,6 +14,8 @@ mod compat_tests;
 #[cfg(test)]
 mod fuzz_tests;
 #[cfg(test)]
+mod reader_tests;
+#[cfg(test)]
 mod replay_tests;
 #[cfg(test)]
 mod rotation_tests;
