@@ -37,6 +37,9 @@ impl StackCatalogue {
     pub fn clear(&mut self) {
         self.ids.clear();
         self.named.clear();
+        // Bounded with the rest (a process seen again is only looked at
+        // again: marking one that runs no JVM twice is harmless).
+        self.seen.clear();
     }
 
     /// A user stack sent to the catalogue: named now, while its process is
