@@ -16,6 +16,10 @@ use tracer_tests::recording::churn::{self, spawn_churn, start_churn, ChurnSpec};
 use tracer_tests::recording::{parse_layout, FORMAT_VERSION};
 use tracer_tests::{require_privileges, run_tracer, run_tracer_cmd, start_recorder, TempFile, TracerOutput};
 
+/// How long each tracer runs (`--duration`).
+const RUN: Duration = Duration::from_secs(12);
+const RUN_ARG: &str = "12s";
+
 /// The target: a recorded connection, at full fidelity.
 const MAX_BYTES_PER_CONNECTION: f64 = 150.0;
 
@@ -47,14 +51,18 @@ fn a_churn_costs_at_most_150_bytes_a_connection_and_reports_as_live() {
     let mut churn = spawn_churn(spec);
     let pid = churn.pid().to_string();
     let file = TempFile::new("compact-churn.trc");
-    let args = ["--pid", &pid, "--leak-after", "1s", "--duration", "7s"];
+    // Long enough for both tracers' start (the churn waits for both), the
+    // churn (3 s) and the leaks' second in CLOSE_WAIT after it, in the one
+    // that started first: with 7 s a slow start left the recorder ending
+    // before its leaks were due (a flaky "report vs live").
+    let args = ["--pid", &pid, "--leak-after", "1s", "--duration", RUN_ARG];
     let mut recorder = start_recorder(file.arg(), &args);
     let mut live = run_tracer(&args);
     recorder.wait_recording(START_TIMEOUT);
     live.wait_started(START_TIMEOUT);
     start_churn(&mut churn, Duration::from_secs(30));
-    let live_out = live.finish(Duration::from_secs(7) + EXIT_SLACK);
-    let rec = recorder.finish(Duration::from_secs(7) + EXIT_SLACK);
+    let live_out = live.finish(RUN + EXIT_SLACK);
+    let rec = recorder.finish(RUN + EXIT_SLACK);
     check_recorder_finished(&rec, &file);
     live_out.assert_success();
     drop(churn);
@@ -162,7 +170,11 @@ fn rotation_keeps_n_files_whose_union_reports_the_recording() {
     let base = TempFile::new("rotated.trc");
     let _cleanup = Segments(base.path().to_path_buf());
     let whole = TempFile::new("not-rotated.trc");
-    let args = ["--pid", &pid, "--leak-after", "1s", "--duration", "7s"];
+    // Long enough for both tracers' start (the churn waits for both), the
+    // churn (3 s) and the leaks' second in CLOSE_WAIT after it, in the one
+    // that started first: with 7 s a slow start left the recorder ending
+    // before its leaks were due (a flaky "report vs live").
+    let args = ["--pid", &pid, "--leak-after", "1s", "--duration", RUN_ARG];
     let mut rotated = start_recorder(
         base.arg(),
         &[&args[..], &["--max-size", "64K", "--rotate", "3"]].concat(),
@@ -174,8 +186,8 @@ fn rotation_keeps_n_files_whose_union_reports_the_recording() {
         .wait_stderr_line(|l| l.starts_with("tracer: recording to"), START_TIMEOUT);
     plain.wait_recording(START_TIMEOUT);
     start_churn(&mut churn, Duration::from_secs(30));
-    let rot = rotated.finish(Duration::from_secs(7) + EXIT_SLACK);
-    let rec = plain.finish(Duration::from_secs(7) + EXIT_SLACK);
+    let rot = rotated.finish(RUN + EXIT_SLACK);
+    let rec = plain.finish(RUN + EXIT_SLACK);
     assert!(rot.status.success(), "{}", rot.dump());
     check_recorder_finished(&rec, &whole);
     drop(churn);
