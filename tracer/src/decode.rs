@@ -2,7 +2,7 @@
 //! records; everything downstream works on [`Event`].
 
 use tracer_common::{
-    EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, MAX_KERNEL_FRAMES,
+    tcp, EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, MAX_KERNEL_FRAMES,
     MAX_USER_FRAMES, SP_WORDS,
 };
 
@@ -14,6 +14,16 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the event opens the socket in its owner's own syscall: an
+    /// accept, or connect's CLOSE -> SYN_SENT. Its task is the owner.
+    pub fn opens_socket(&self) -> bool {
+        match self {
+            Event::State(s) => s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT,
+            Event::Accept(_) => true,
+            Event::Close(_) => false,
+        }
+    }
+
     pub fn header(&self) -> &Header {
         match self {
             Event::State(e) => &e.header,

@@ -271,19 +271,16 @@ impl Kernel {
         })
     }
 
-    /// Followed sockets in CLOSE_WAIT since at least `min_age_ns` before
-    /// `now` (the kernel sends every later change of those). Entries that
-    /// leave while being read are skipped.
-    pub fn close_wait_records(&self, now: u64, min_age_ns: u64) -> Vec<StateEvent> {
-        let mut out = Vec::new();
-        for cookie in self.close_wait.keys().flatten() {
-            if let Ok(r) = self.close_wait.get(&cookie, 0) {
-                if now.saturating_sub(r.header.ktime_ns) >= min_age_ns {
-                    out.push(r);
-                }
-            }
-        }
-        out
+    /// Cookies of the followed sockets now in CLOSE_WAIT (the kernel sends
+    /// every later change of those at least `promote_ns` old).
+    pub fn close_wait_cookies(&self) -> Vec<u64> {
+        self.close_wait.keys().flatten().collect()
+    }
+
+    /// The change that put a followed socket in CLOSE_WAIT; None once it has
+    /// left it.
+    pub fn close_wait_record(&self, cookie: u64) -> Option<StateEvent> {
+        self.close_wait.get(&cookie, 0).ok()
     }
 
     /// What the kernel side keeps of a followed socket: its opener, and the

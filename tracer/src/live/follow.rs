@@ -15,11 +15,12 @@ use crate::{
     procs,
 };
 
+/// How often the processes marked as running no JVM are checked for exit.
+const NATIVE_CHECK_NS: u64 = 5_000_000_000;
+
 /// How long a socket stays in CLOSE_WAIT before the agent reads it: long
 /// enough that sockets closed promptly (nearly all) are never read, short
 /// enough that a leak is read well before it is due.
-const NATIVE_CHECK_NS: u64 = 5_000_000_000;
-
 pub fn promote_after(leak_after_ns: u64) -> u64 {
     (leak_after_ns / 2).min(1_000_000_000)
 }
@@ -29,16 +30,26 @@ impl Session {
     /// least `promote_ns`, and feeds those not fed yet.
     pub(super) fn read_close_wait(&mut self, kernel: &mut Kernel, now: u64, promote_ns: u64) {
         let mut seen = HashSet::new();
-        for rec in kernel.close_wait_records(now, promote_ns) {
-            let cookie = rec.header.cookie;
-            seen.insert(cookie);
-            if !self.promoted.contains(&cookie) {
-                log::debug!(
-                    "socket {cookie:#x} read from the CLOSE_WAIT map, {} ms in CLOSE_WAIT",
-                    now.saturating_sub(rec.header.ktime_ns) / 1_000_000
-                );
-                self.promote(kernel, &rec);
+        for cookie in kernel.close_wait_cookies() {
+            // One fed already is only remembered: a leak stays in the map
+            // for as long as it leaks, and is not read again every tick.
+            if self.promoted.contains(&cookie) {
+                seen.insert(cookie);
+                continue;
             }
+            let Some(rec) = kernel.close_wait_record(cookie) else {
+                continue; // left CLOSE_WAIT meanwhile
+            };
+            let age = now.saturating_sub(rec.header.ktime_ns);
+            if age < promote_ns {
+                continue;
+            }
+            log::debug!(
+                "socket {cookie:#x} read from the CLOSE_WAIT map, {} ms in CLOSE_WAIT",
+                age / 1_000_000
+            );
+            seen.insert(cookie);
+            self.promote(kernel, &rec);
         }
         // Entries leave the map when their socket leaves CLOSE_WAIT.
         self.promoted = seen;
@@ -76,7 +87,8 @@ impl Session {
         let (sock, shared_close) = kernel.socket_record(skaddr);
         let sock = sock.unwrap_or_default();
         let close = shared_close.unwrap_or_default();
-        let mut events: Vec<(u64, Event)> = Vec::with_capacity(3);
+        // Each event with the touch whose stacks it carries.
+        let mut events: Vec<(Event, Option<&Touch>)> = Vec::with_capacity(3);
         let open = &sock.open;
         if open.ns != 0 && sock.opened_by == OPENED_BY_CONNECT {
             let mut ev = cw;
@@ -84,29 +96,22 @@ impl Session {
             ev.oldstate = tcp::CLOSE;
             ev.newstate = tcp::SYN_SENT;
             ev.rx_queue = 0;
-            events.push((open.ns, Event::State(ev)));
+            events.push((Event::State(ev), Some(open)));
         } else if open.ns != 0 && sock.opened_by == OPENED_BY_ACCEPT {
-            events.push((open.ns, fd_event(EventKind::Accept, open, cookie, skaddr)));
+            events.push((fd_event(EventKind::Accept, open, cookie, skaddr), Some(open)));
         }
         if close.ns != 0 {
-            events.push((close.ns, fd_event(EventKind::Close, &close, cookie, skaddr)));
+            events.push((fd_event(EventKind::Close, &close, cookie, skaddr), Some(&close)));
         }
-        events.push((cw.header.ktime_ns, Event::State(cw)));
-        events.sort_by_key(|(ns, _)| *ns);
-        for (_, mut ev) in events {
-            let owner = matches!(&ev, Event::Accept(_))
-                || matches!(&ev, Event::State(s) if s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT);
-            let h = *ev.header();
-            if owner {
-                if let Some(info) = self.names.learn(h.tgid) {
-                    self.inputs.push(Input::Process(ProcessInput { pid: h.tgid, info }));
+        events.push((Event::State(cw), None));
+        events.sort_by_key(|(ev, _)| ev.header().ktime_ns);
+        for (mut ev, touch) in events {
+            if ev.opens_socket() {
+                let pid = ev.header().tgid;
+                if let Some(info) = self.names.learn(pid) {
+                    self.inputs.push(Input::Process(ProcessInput { pid, info }));
                 }
             }
-            let touch = match &ev {
-                Event::State(s) if s.newstate == tcp::CLOSE_WAIT => None,
-                Event::Close(_) => Some(&close),
-                _ => Some(&sock.open),
-            };
             if let Some(t) = touch {
                 self.catalogue
                     .resolve(t.tgid, &t.stacks, ev.header_mut(), &mut self.named);

@@ -6,7 +6,7 @@ use std::{
     io::{self, IsTerminal, Write},
 };
 
-use tracer_common::{tcp, STACK_CATALOGUED};
+use tracer_common::STACK_CATALOGUED;
 
 use super::{
     evidence_job::{spawn_evidence, wait_evidence, EvidenceJob},
@@ -163,11 +163,7 @@ impl Session {
             };
             self.delivered += 1;
             // Owners' names and stacks are read now, while they still run.
-            let owner = match &ev {
-                Event::State(s) => s.oldstate == tcp::CLOSE && s.newstate == tcp::SYN_SENT,
-                Event::Accept(_) => true,
-                Event::Close(_) => false,
-            };
+            let owner = ev.opens_socket();
             if owner {
                 let pid = ev.header().tgid;
                 if let Some(info) = self.names.learn(pid) {
