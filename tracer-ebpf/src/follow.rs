@@ -93,14 +93,38 @@ fn known_to_agent(cw: *const StateEvent) -> bool {
     emit::now().saturating_sub(since) >= config::promote_ns()
 }
 
+/// Whether the socket with `cookie` (0: none assigned yet) has a CLOSE_WAIT
+/// entry old enough that the agent may have read it.
+#[inline(always)]
+fn in_close_wait_known_to_agent(cookie: u64) -> bool {
+    cookie != 0 && maps::CLOSE_WAIT.get_ptr(&cookie).is_some_and(known_to_agent)
+}
+
+/// Sets `flag` in the socket's record, creating one (with no opener) if it
+/// has none. A full map is counted in `set`.
+#[inline(always)]
+fn add_flag(sk: u64, flag: u32, set: Counters) {
+    if let Some(r) = maps::SOCKS.get_ptr_mut(&sk) {
+        // SAFETY: a map value; flags only ever gain bits.
+        unsafe { (*r).flags |= flag };
+        return;
+    }
+    let record = SockRecord {
+        flags: flag,
+        ..SockRecord::default()
+    };
+    if maps::SOCKS.insert(&sk, &record, 0).is_err() {
+        maps::count(set, stats::OWNERS_FULL);
+    }
+}
+
 /// An accept (`accept` hook). Returns whether it is to be sent as an
 /// event: the socket has been in CLOSE_WAIT long enough that the agent may
 /// know it (the peer can close before the server accepts). Otherwise its
 /// opener is kept.
 #[inline(always)]
 pub fn on_accept<C: EbpfContext>(ctx: &C, sk: u64, fd: i32) -> bool {
-    let cookie = fdsock::cookie_of(sk);
-    if cookie != 0 && maps::CLOSE_WAIT.get_ptr(&cookie).is_some_and(known_to_agent) {
+    if in_close_wait_known_to_agent(fdsock::cookie_of(sk)) {
         return true;
     }
     opened(ctx, sk, fd, OPENED_BY_ACCEPT, Counters::Syscall);
@@ -112,7 +136,7 @@ pub fn on_accept<C: EbpfContext>(ctx: &C, sk: u64, fd: i32) -> bool {
 /// agent may know the socket); otherwise it is kept as evidence.
 #[inline(always)]
 pub fn on_shared_close<C: EbpfContext>(ctx: &C, sk: u64, cookie: u64, fd: i32, stacks: bool) -> bool {
-    if cookie != 0 && maps::CLOSE_WAIT.get_ptr(&cookie).is_some_and(known_to_agent) {
+    if in_close_wait_known_to_agent(cookie) {
         return true;
     }
     let t = touch(ctx, fd, Counters::Syscall, false, stacks);
@@ -120,19 +144,7 @@ pub fn on_shared_close<C: EbpfContext>(ctx: &C, sk: u64, cookie: u64, fd: i32, s
         maps::count(Counters::Syscall, stats::OWNERS_FULL);
         return false;
     }
-    match maps::SOCKS.get_ptr_mut(&sk) {
-        // SAFETY: a map value; flags only ever gain bits.
-        Some(r) => unsafe { (*r).flags |= SHARED_CLOSE },
-        None => {
-            let record = SockRecord {
-                flags: SHARED_CLOSE,
-                ..SockRecord::default()
-            };
-            if maps::SOCKS.insert(&sk, &record, 0).is_err() {
-                maps::count(Counters::Syscall, stats::OWNERS_FULL);
-            }
-        }
-    }
+    add_flag(sk, SHARED_CLOSE, Counters::Syscall);
     false
 }
 
@@ -186,7 +198,8 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
     if send {
         send_state(ctx, sk, cookie, tcp::CLOSE_WAIT, newstate);
         if newstate != tcp::CLOSE {
-            follow_from_now(sk as u64);
+            // Every later change of the socket is sent: the agent may know it.
+            add_flag(sk as u64, FOLLOWED, Counters::State);
         }
     }
     if entry.is_some() {
@@ -194,23 +207,6 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
     }
     if newstate == tcp::CLOSE {
         destroyed(sk as u64, cookie, send, true);
-    }
-}
-
-/// Every later change of the socket is sent: the agent may know it.
-#[inline(always)]
-fn follow_from_now(sk: u64) {
-    if let Some(r) = maps::SOCKS.get_ptr_mut(&sk) {
-        // SAFETY: a map value; flags only ever gain bits.
-        unsafe { (*r).flags |= FOLLOWED };
-        return;
-    }
-    let record = SockRecord {
-        flags: FOLLOWED,
-        ..SockRecord::default()
-    };
-    if maps::SOCKS.insert(&sk, &record, 0).is_err() {
-        maps::count(Counters::State, stats::OWNERS_FULL);
     }
 }
 
