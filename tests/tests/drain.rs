@@ -11,7 +11,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tracer_tests::{require_privileges, spawn_client, spawn_server, tracer_bin, wait_for_ss, Child, Leak, Value};
+use tracer_tests::{
+    require_privileges, spawn_client, spawn_server, start_client, tracer_bin, wait_client_done, wait_for_ss, Child,
+    Leak, Value,
+};
 
 /// How long each evidence gathering is made to take.
 const DELAY: Duration = Duration::from_secs(5);
@@ -76,8 +79,13 @@ fn slow_evidence_does_not_stop_the_drain() {
     // Two leaks: one stays (its evidence is checked), one's owner exits
     // while the gathering runs (it was a leak all the same, then a late
     // close).
-    let (stays, socks) = spawn_client(&["--connect", &addr, "--count", "1", "--mode", "leak"]);
-    let (mut exits, _) = spawn_client(&["--connect", &addr, "--count", "1", "--mode", "leak"]);
+    // Both started before either is waited for, so that their FINs come
+    // together and both leaks are due in the same sweep (one after the
+    // other, they could straddle a tick and be gathered for apart).
+    let leak = ["--connect", addr.as_str(), "--count", "1", "--mode", "leak"];
+    let (mut stays, mut exits) = (start_client(&leak), start_client(&leak));
+    let socks = wait_client_done(&mut stays, 1);
+    wait_client_done(&mut exits, 1);
     let truth: Vec<_> = wait_for_ss(
         "close-wait",
         Duration::from_secs(5),
