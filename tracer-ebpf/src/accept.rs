@@ -24,15 +24,14 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn handle(ctx: &TracePointContext) {
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET_OFFSET) }) else {
-        return;
-    };
-    if ret < 0 {
-        return;
-    }
+    // With --pid, other processes' accepts end here, before any read.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let filter = config::filter_tgid();
     if filter != 0 && tgid != filter {
+        return;
+    }
+    let ret = emit::tp_field(ctx, RET_OFFSET) as i64;
+    if ret < 0 {
         return;
     }
     let Some((fds, max)) = fdsock::fd_table() else {

@@ -24,9 +24,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if !wanted() {
         return 0;
     }
-    let Ok(fd) = (unsafe { ctx.read_at::<u64>(FD_OFFSET) }) else {
-        return 0;
-    };
+    let fd = emit::tp_field(&ctx, FD_OFFSET);
     if let Some((fds, max)) = fdsock::fd_table() {
         report(&ctx, fds, max, fd as u32, true);
     }
@@ -38,15 +36,11 @@ pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
     if !wanted() {
         return 0;
     }
-    let (Ok(first), Ok(last), Ok(flags)) = (unsafe {
-        (
-            ctx.read_at::<u64>(FD_OFFSET),
-            ctx.read_at::<u64>(MAX_FD_OFFSET),
-            ctx.read_at::<u64>(FLAGS_OFFSET),
-        )
-    }) else {
-        return 0;
-    };
+    let (first, last, flags) = (
+        emit::tp_field(&ctx, FD_OFFSET),
+        emit::tp_field(&ctx, MAX_FD_OFFSET),
+        emit::tp_field(&ctx, FLAGS_OFFSET),
+    );
     if flags & CLOSE_RANGE_CLOEXEC != 0 {
         return 0;
     }

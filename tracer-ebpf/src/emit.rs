@@ -3,11 +3,23 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    programs::TracePointContext,
     EbpfContext,
 };
 use tracer_common::{stats, Header, COMM_LEN, NO_STACK, STACKS_KERNEL, STACKS_OFF, STACKS_SAMPLED_OUT, STACKS_USER};
 
 use crate::{config, kstack, maps, maps::Counters, ustack};
+
+/// A field of a syscall tracepoint's record, by a plain load: the verifier
+/// allows aligned reads of a tracepoint program's context, where
+/// `TracePointContext::read_at` calls `bpf_probe_read_kernel` (a helper
+/// call on every syscall the hook sees).
+#[inline(always)]
+pub fn tp_field(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: `offset` is a constant, 8-byte aligned offset inside the
+    // record; the verifier checks the access.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
+}
 
 /// The monotonic clock, as events carry it.
 #[inline(always)]

@@ -17,7 +17,13 @@
 //!   agent read is always older than that when anything else happens to
 //!   it, so no race decides what is sent.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_get_socket_cookie, programs::BtfTracePointContext, EbpfContext};
+use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST},
+    cty::c_void,
+    helpers::generated::bpf_get_socket_cookie,
+    programs::BtfTracePointContext,
+    EbpfContext,
+};
 use tracer_common::{
     stats, tcp, EventKind, Header, SockRecord, StateEvent, Touch, FOLLOWED, OPENED_BY_ACCEPT, OPENED_BY_CONNECT,
     SHARED_CLOSE,
@@ -42,6 +48,20 @@ pub fn on_state(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, new
         on_leave(ctx, sk, newstate);
     } else if newstate == tcp::CLOSE {
         on_destroy(ctx, sk, oldstate);
+    }
+    if newstate == tcp::CLOSE && config::filter_tgid() != 0 {
+        unwatch(sk);
+    }
+}
+
+/// With `--pid`: a destroyed socket leaves the watch list (cookies are
+/// never reused; the entry would only take room).
+#[inline(always)]
+fn unwatch(sk: *const c_void) {
+    // SAFETY: a field of the BTF-typed socket (see `state::load`).
+    let cookie: u64 = unsafe { state::load(sk, off!(skc_cookie)) };
+    if cookie != 0 {
+        let _ = maps::WATCH.remove(&cookie);
     }
 }
 
@@ -71,6 +91,56 @@ fn touch<C: EbpfContext>(ctx: &C, fd: i32, set: Counters, open: bool, stacks: bo
     }
 }
 
+const EEXIST: i32 = 17;
+
+/// Inserts or replaces `SOCKS[sk]`; with `--pid`, counted in `SOCKS_COUNT`
+/// (host-wide the map is never empty, and a shared counter would bounce
+/// between CPUs on every connection). A full map is counted in `set`.
+#[inline(always)]
+fn insert_sock(sk: u64, record: &SockRecord, set: Counters) {
+    let inserted = if config::filter_tgid() == 0 {
+        maps::SOCKS.insert(&sk, record, 0).is_ok()
+    } else {
+        match maps::SOCKS.insert(&sk, record, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                maps::count_socks(1);
+                true
+            }
+            Err(e) if e == -EEXIST => maps::SOCKS.insert(&sk, record, u64::from(BPF_EXIST)).is_ok(),
+            Err(_) => false,
+        }
+    };
+    if !inserted {
+        maps::count(set, stats::OWNERS_FULL);
+    }
+}
+
+/// Whether `SOCKS` may hold the socket: with `--pid`, only while it holds
+/// anything.
+#[inline(always)]
+fn may_have_sock() -> bool {
+    config::filter_tgid() == 0 || maps::any_socks()
+}
+
+/// With `--pid`: whether the socket is the watched process's, opened by it
+/// (`SOCKS`) or older than the tracer (the watch list), found without
+/// asking the socket for a cookie (which assigns one, from a counter all
+/// CPUs share). Other processes' sockets end here.
+#[inline(always)]
+fn watched(sk: *const c_void) -> bool {
+    if config::filter_tgid() == 0 {
+        return true;
+    }
+    if maps::any_socks() && maps::SOCKS.get_ptr(&(sk as u64)).is_some() {
+        return true;
+    }
+    // The cookie as the socket holds it: 0 (never asked for) cannot be in
+    // the watch list, which the snapshot and the accept hook fill.
+    // SAFETY: a field of the BTF-typed socket (see `state::load`).
+    let cookie: u64 = unsafe { state::load(sk, off!(skc_cookie)) };
+    cookie != 0 && maps::WATCH.get_ptr(&cookie).is_some()
+}
+
 /// Keeps a socket's opener, taken in its own syscall.
 #[inline(always)]
 fn opened<C: EbpfContext>(ctx: &C, sk: u64, fd: i32, opened_by: u32, set: Counters) {
@@ -79,9 +149,7 @@ fn opened<C: EbpfContext>(ctx: &C, sk: u64, fd: i32, opened_by: u32, set: Counte
         opened_by,
         flags: 0,
     };
-    if maps::SOCKS.insert(&sk, &record, 0).is_err() {
-        maps::count(set, stats::OWNERS_FULL);
-    }
+    insert_sock(sk, &record, set);
 }
 
 /// Whether a socket's CLOSE_WAIT entry is old enough that the agent may
@@ -113,9 +181,7 @@ fn add_flag(sk: u64, flag: u32, set: Counters) {
         flags: flag,
         ..SockRecord::default()
     };
-    if maps::SOCKS.insert(&sk, &record, 0).is_err() {
-        maps::count(set, stats::OWNERS_FULL);
-    }
+    insert_sock(sk, &record, set);
 }
 
 /// An accept (`accept` hook). Returns whether it is to be sent as an
@@ -160,18 +226,10 @@ fn on_connect(ctx: &BtfTracePointContext, sk: *const c_void) {
 
 #[inline(always)]
 fn on_close_wait(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
-    if !is_tcp(sk) {
+    if !is_tcp(sk) || !watched(sk) {
         return;
     }
     let cookie = cookie(sk);
-    // With --pid only its sockets have a record; its sockets older than the
-    // tracer are in the watch list.
-    if config::filter_tgid() != 0
-        && maps::SOCKS.get_ptr(&(sk as u64)).is_none()
-        && maps::WATCH.get_ptr(&cookie).is_none()
-    {
-        return;
-    }
     // Mostly in softirq or the peer's process: no comm.
     let mut ev = state::event(ctx, sk, cookie, oldstate, tcp::CLOSE_WAIT, false);
     if maps::CLOSE_WAIT.insert(&cookie, &ev, 0).is_err() {
@@ -184,6 +242,9 @@ fn on_close_wait(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
 /// Leaving CLOSE_WAIT: closed by its owner (LAST_ACK) or aborted (CLOSE).
 #[inline(always)]
 fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
+    if !watched(sk) {
+        return;
+    }
     let cookie = cookie(sk);
     let entry = maps::CLOSE_WAIT.get_ptr(&cookie);
     // The agent knows the sockets its start-up snapshot found in
@@ -193,7 +254,8 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
         Some(cw) => known_to_agent(cw) || maps::WATCH.get_ptr(&cookie).is_some(),
         // Not seen entering it: older than the tracer (the agent has it
         // from the snapshot), or spilled through the ring buffer.
-        None => is_tcp(sk) && (config::filter_tgid() == 0 || maps::WATCH.get_ptr(&cookie).is_some()),
+        // (With --pid, `watched` has found it the process's.)
+        None => is_tcp(sk),
     };
     if send {
         send_state(ctx, sk, cookie, tcp::CLOSE_WAIT, newstate);
@@ -212,6 +274,9 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
 
 #[inline(always)]
 fn on_destroy(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
+    if !may_have_sock() {
+        return;
+    }
     let Some(r) = maps::SOCKS.get_ptr(&(sk as u64)) else {
         return;
     };
@@ -228,7 +293,9 @@ fn on_destroy(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
 /// The socket is gone: its entries are freed for the next one.
 #[inline(always)]
 fn destroyed(sk: u64, cookie: u64, followed: bool, shared_close: bool) {
-    let _ = maps::SOCKS.remove(&sk);
+    if may_have_sock() && maps::SOCKS.remove(&sk).is_ok() && config::filter_tgid() != 0 {
+        maps::count_socks(u64::MAX);
+    }
     if shared_close {
         let _ = maps::SHARED_CLOSES.remove(&sk);
     }

@@ -13,6 +13,9 @@
 //!   the task is the socket's user.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no `AtomicU64::fetch_add`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod accept;
 mod catalog;

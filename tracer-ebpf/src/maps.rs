@@ -1,5 +1,7 @@
 //! Maps shared by every hook. Each has a fixed bound; overflow is counted.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -96,6 +98,30 @@ pub fn count(set: Counters, index: u32) {
 /// (`OWNERS_FULL`). Sized by the agent.
 #[map]
 pub static SOCKS: HashMap<u64, SockRecord> = HashMap::with_max_entries(1 << 17, 0);
+
+/// With `--pid`: how many entries `SOCKS` holds (slot 0). While none, a
+/// state change of a socket that is not in the watch list is another
+/// process's, known without a hash lookup.
+#[map]
+pub static SOCKS_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Whether `SOCKS_COUNT` says `SOCKS` holds anything.
+#[inline(always)]
+pub fn any_socks() -> bool {
+    SOCKS_COUNT.get(0).is_some_and(|n| *n != 0)
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is -1) to `SOCKS_COUNT`. Atomic:
+/// every CPU's hooks update it.
+#[inline(always)]
+pub fn count_socks(delta: u64) {
+    if let Some(p) = SOCKS_COUNT.get_ptr_mut(0) {
+        // SAFETY: an 8-byte aligned array value. The result is unused, so
+        // this is the classic atomic add (BPF_XADD) every kernel's verifier
+        // accepts; the BPF target has no `AtomicU64::fetch_add`.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
+    }
+}
 
 /// Followed sockets: the last close of an fd that left the socket open (a
 /// shared file), by `struct sock` address. Rare; flagged in `SOCKS`.
