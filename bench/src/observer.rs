@@ -403,6 +403,11 @@ pub fn summary_counters(jsonl: &str) -> Result<Counters> {
         ("/kernel/stack_errors", "stacks lost"),
         ("/kernel/stacks_sampled_out", "open stacks sampled out (--stack-rate)"),
         ("/kernel/watch_full", "watch map full"),
+        ("/kernel/owners_full", "owners not kept (socket map full)"),
+        (
+            "/kernel/hook_misses",
+            "hook runs skipped by the kernel (program already running on that CPU)",
+        ),
         ("/agent/untracked_table_full", "sockets untracked (table full)"),
         ("/decode_errors", "decode errors"),
     ] {

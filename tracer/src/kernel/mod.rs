@@ -5,7 +5,7 @@ pub mod hooks;
 pub mod offsets;
 pub mod tracefs;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
@@ -77,6 +77,12 @@ pub struct KernelStats {
     /// kernel's CLOSE_WAIT map was full (not a loss).
     #[serde(default)]
     pub close_wait_spilled: u64,
+    /// Hook runs the kernel skipped because the same program was already
+    /// running on that CPU (a state change in softirq interrupting one in
+    /// a syscall): each a state change, accept or close never seen. The
+    /// kernel's own count (`recursion_misses` of every program).
+    #[serde(default)]
+    pub hook_misses: u64,
 }
 
 impl KernelStats {
@@ -90,6 +96,7 @@ impl KernelStats {
             || self.fd_unresolved > before.fd_unresolved
             || self.close_range_truncated > before.close_range_truncated
             || self.owners_full > before.owners_full
+            || self.hook_misses > before.hook_misses
     }
 }
 
@@ -111,6 +118,9 @@ pub struct Kernel {
     watch_full: u64,
     reported_full: u64,
     pub hooks: Vec<HookStatus>,
+    /// The loaded programs' fds, whose fdinfo has the kernel's count of
+    /// skipped runs.
+    program_fds: Vec<RawFd>,
 }
 
 impl Kernel {
@@ -179,6 +189,10 @@ impl Kernel {
             }
         }
 
+        let program_fds = ebpf
+            .programs()
+            .filter_map(|(_, p)| p.fd().ok().map(|fd| fd.as_fd().as_raw_fd()))
+            .collect();
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
@@ -205,6 +219,7 @@ impl Kernel {
             watch_full: 0,
             reported_full: 0,
             hooks,
+            program_fds,
         })
     }
 
@@ -268,6 +283,7 @@ impl Kernel {
             stack_walk_truncated: sum(stats::STACK_WALK_TRUNCATED)?,
             owners_full: sum(stats::OWNERS_FULL)?,
             close_wait_spilled: sum(stats::CLOSE_WAIT_SPILLED)?,
+            hook_misses: self.program_fds.iter().map(|&fd| recursion_misses(fd)).sum(),
         })
     }
 
@@ -384,4 +400,18 @@ fn raise_memlock() {
     };
     // SAFETY: plain syscall with a valid struct.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// The kernel's count of runs of the program behind `fd` skipped because
+/// it was already running on that CPU (`recursion_misses` in its fdinfo;
+/// 0 where the kernel does not say).
+fn recursion_misses(fd: RawFd) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("recursion_misses:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

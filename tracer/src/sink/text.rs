@@ -173,7 +173,7 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let k = &l.kernel;
         writeln!(
             self.err,
-            "tracer: WARNING [{}]: {} events lost to a full ring buffer ({} in all); stacks lost {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}: findings may be incomplete",
+            "tracer: WARNING [{}]: {} events lost to a full ring buffer ({} in all); stacks lost {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept {}, hook runs skipped by the kernel {}: findings may be incomplete",
             l.time,
             l.new_ringbuf_drops,
             k.ringbuf_drops,
@@ -181,7 +181,9 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             k.watch_full,
             k.reported_full,
             k.fd_unresolved,
-            k.close_range_truncated
+            k.close_range_truncated,
+            k.owners_full,
+            k.hook_misses
         )
     }
 
@@ -309,14 +311,21 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let k = &s.stats.kernel;
         writeln!(
             o,
-            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}, stacks cut at the depth bound {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept (socket map full) {}, CLOSE_WAIT records spilled to the ring buffer {}",
-            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out, k.stack_walk_truncated, k.watch_full, k.reported_full, k.fd_unresolved, k.close_range_truncated, k.owners_full, k.close_wait_spilled
+            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}, stacks cut at the depth bound {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept (socket map full) {}, CLOSE_WAIT records spilled to the ring buffer {}, hook runs skipped by the kernel (program already running on that CPU) {}",
+            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out, k.stack_walk_truncated, k.watch_full, k.reported_full, k.fd_unresolved, k.close_range_truncated, k.owners_full, k.close_wait_spilled, k.hook_misses
         )?;
         if k.ringbuf_drops > 0 {
             writeln!(
                 o,
                 "WARNING: {} events were dropped (ring buffer full): findings may be incomplete",
                 k.ringbuf_drops
+            )?;
+        }
+        if k.hook_misses > 0 {
+            writeln!(
+                o,
+                "WARNING: the kernel skipped {} hook runs (the program was already running on that CPU): findings may be incomplete",
+                k.hook_misses
             )?;
         }
         self.flush()
