@@ -160,8 +160,11 @@ pub struct TraceArgs {
     pub status_interval: Duration,
 
     /// Ring buffer size in bytes (power of two, multiple of the page size).
-    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_bytes, hide = true)]
-    pub ring_bytes: u32,
+    /// Default: 8 MiB where every event is sent (`--events`, `record`),
+    /// 4 MiB where sockets are followed in the kernel (little is sent; the
+    /// buffer's pages are all resident in the agent, mapped twice).
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_bytes, hide = true)]
+    pub ring_bytes: Option<u32>,
 
     /// Entries in the kernel's `--pid` watch list (sockets of the watched
     /// process). When full, more are counted (watch_full), not watched.

@@ -170,6 +170,17 @@ impl Correlator {
             // Left CLOSE_WAIT: the application closed it (LAST_ACK), or it
             // was reset/aborted (CLOSE).
             self.pending.remove(&(since.ns, h.cookie));
+            let due_ns = since.ns.saturating_add(leak_after);
+            if !sock.leak_reported && h.ktime_ns >= due_ns && wanted(self.filter_pid, sock) {
+                // It stayed past the threshold, but no sweep reported it
+                // before it left (the clock waits while evidence is
+                // gathered): it was a leak all the same, as of when it
+                // became due, and this is its late close. Findings then do
+                // not depend on when sweeps run.
+                sock.leak_reported = true;
+                self.stats.leaks_reported += 1;
+                out.push(Verdict::Leak(report(sock, since, due_ns)));
+            }
             if sock.leak_reported {
                 let aborted = ev.newstate == tcp::CLOSE;
                 let leak = report(sock, since, h.ktime_ns);

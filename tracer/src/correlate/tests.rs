@@ -182,6 +182,38 @@ fn late_close_after_report() {
 }
 
 #[test]
+fn leaving_past_the_threshold_before_any_sweep_is_a_leak_then_a_late_close() {
+    // No sweep between the FIN and the close (the live clock waits while
+    // evidence is gathered): it was a leak all the same.
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = vec![];
+    connect_then_fin(&mut c, 1, 10, &mut out);
+    let closed_at = 10 * MS + 3 * LEAK_AFTER;
+    c.on_event(
+        &state(closed_at / MS, CLIENT, 1, 0xa001, tcp::CLOSE_WAIT, tcp::LAST_ACK),
+        &mut out,
+    );
+    let l = leaks(&out);
+    assert_eq!(l.len(), 1, "{out:?}");
+    assert_eq!(l[0].close_wait_ns, LEAK_AFTER, "reported as of when it became due");
+    match out.last() {
+        Some(Verdict::LateClose { closed_after_ns, .. }) => assert_eq!(*closed_after_ns, 2 * LEAK_AFTER),
+        other => panic!("expected late close, got {other:?}"),
+    }
+    assert_eq!((c.stats().leaks_reported, c.stats().late_closes), (1, 1));
+    // Exactly at the threshold counts; just before it does not.
+    let mut c = Correlator::new(LEAK_AFTER, None, 1000);
+    let mut out = vec![];
+    connect_then_fin(&mut c, 2, 10, &mut out);
+    let just_before = 10 * MS + LEAK_AFTER - MS;
+    c.on_event(
+        &state(just_before / MS, CLIENT, 2, 0xa002, tcp::CLOSE_WAIT, tcp::LAST_ACK),
+        &mut out,
+    );
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
 fn reset_in_close_wait_ends_the_leak_as_aborted() {
     let mut c = Correlator::new(LEAK_AFTER, None, 1000);
     let mut out = vec![];

@@ -49,6 +49,14 @@ const EVIDENCE_EVERY: Duration = Duration::from_secs(1);
 const HOLD_CAP: usize = 1 << 18;
 /// Wake the reader early once this much is waiting in the ring buffer.
 const WAKEUP_FRACTION: u64 = 4;
+/// Ring buffer where every event is sent (`--events`, `record`): about
+/// 60k events, a quarter of a second of the bench's churn.
+const FULL_RING_BYTES: u32 = 8 << 20;
+/// Ring buffer where sockets are followed in the kernel: what comes is
+/// stacks for the catalogue, and the changes and closes of sockets that
+/// stayed in CLOSE_WAIT. Its pages are all resident in the agent (mapped
+/// twice), so its size is a third of the agent's memory on an idle host.
+const FOLLOW_RING_BYTES: u32 = 4 << 20;
 
 /// Where findings go: stdout (`live`), or a file (`record`).
 pub enum Output {
@@ -99,10 +107,15 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     // in the kernel, and only those that stay in CLOSE_WAIT are read.
     let follow = (matches!(output, Output::Live { events: false, .. }) && !args.every_event)
         .then(|| follow::promote_after(leak_after_ns));
+    let ring_bytes = args.ring_bytes.unwrap_or(if follow.is_some() {
+        FOLLOW_RING_BYTES
+    } else {
+        FULL_RING_BYTES
+    });
     let mut kernel = Kernel::load(&LoadOptions {
         filter_tgid: args.pid,
-        ring_bytes: args.ring_bytes,
-        wakeup_bytes: u64::from(args.ring_bytes) / WAKEUP_FRACTION,
+        ring_bytes,
+        wakeup_bytes: u64::from(ring_bytes) / WAKEUP_FRACTION,
         watch_entries: args.watch_entries,
         reported_entries: args.reported_entries,
         close_wait_entries: args.close_wait_entries,

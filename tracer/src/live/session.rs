@@ -187,14 +187,20 @@ impl Session {
     /// reports them.
     pub(super) fn tick(&mut self, kernel: &mut Kernel, now: u64) -> io::Result<()> {
         self.push_stats(kernel);
+        // Followed sockets that stay in CLOSE_WAIT are read even while
+        // evidence is gathered (their inputs wait in line with the rest):
+        // one that stays past the threshold and closes meanwhile is then
+        // still known, a leak and its late close.
+        if let Some(promote_ns) = self.follow {
+            self.read_close_wait(kernel, now, promote_ns);
+        }
         // While evidence is being gathered the clock is not advanced, so
         // due leaks wait (and are reported together, with it) instead of
         // being reported without their evidence.
         if self.evidence_job.is_some() {
             return self.flush_inputs();
         }
-        if let Some(promote_ns) = self.follow {
-            self.read_close_wait(kernel, now, promote_ns);
+        if self.follow.is_some() {
             // Fed now, so that those already due get their evidence.
             self.flush_inputs()?;
         }
