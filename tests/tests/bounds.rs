@@ -112,3 +112,45 @@ fn full_reported_list_is_counted() {
         "a loss line says so\n{ctx}"
     );
 }
+
+/// Default `live` keeps each socket's opener in a table of slots with an
+/// overflow map (hidden `--socket-entries`: 2 slots, and an overflow of 2).
+/// With `--pid`, only the process's sockets are kept: of its 10 leaks, 4
+/// have room (2 slots, 2 overflow entries) and are found with their owner;
+/// the 6 without room are counted (owners_full), with a loss line, and are
+/// not reported as the process's (nothing says they are).
+#[test]
+fn full_socket_table_is_counted() {
+    if !require_privileges() {
+        return;
+    }
+    let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", "26"]);
+    let addr = format!("127.0.0.1:{port}");
+    let (client, _, tracer) = trace_held_client(
+        &["--connect", &addr, "--mode", "leak"],
+        LEAKS,
+        &["--socket-entries", "2", "--leak-after", "1s", "--duration", "4s"],
+    );
+    let out = tracer.finish(Duration::from_secs(60));
+    out.assert_success();
+    let ctx = out.dump();
+    let truth: BTreeSet<u64> = ss_sockets("close-wait")
+        .iter()
+        .filter(|s| s.has_pid(client.pid()))
+        .map(|s| s.cookie)
+        .collect();
+    assert_eq!(truth.len(), LEAKS, "fixture sanity\n{ctx}");
+    let found = leak_cookies(&out);
+    assert_eq!(found.len(), 4, "the leaks whose opener had room\n{ctx}");
+    assert!(found.is_subset(&truth), "every leak found is one ss sees\n{ctx}");
+    for leak in out.summary_leaks() {
+        assert_eq!(leak.pid, client.pid(), "owner: {}\n{ctx}", leak.json);
+        assert_eq!(leak.json["owner_source"], "connect", "{}\n{ctx}", leak.json);
+    }
+    assert_eq!(
+        kernel_stat(&out, "owners_full"),
+        (LEAKS - 4) as u64,
+        "openers beyond the table and its overflow are counted\n{ctx}"
+    );
+    assert!(loss_lines_with(&out, "owners_full") >= 1, "a loss line says so\n{ctx}");
+}

@@ -69,6 +69,10 @@ pub struct Config {
     /// have read from the CLOSE_WAIT map, so from then on every change to
     /// it is sent. The agent reads only entries at least this old.
     pub promote_ns: u64,
+    /// With `follow`: the socket table's slots less one (a power of two
+    /// less one; see [`crate::SockSlot`]).
+    pub socket_slots_mask: u32,
+    pub _pad: u32,
 }
 
 /// [`Config::stacks`] bit: capture user stacks.
@@ -84,4 +88,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);

@@ -53,6 +53,32 @@ pub struct SockRecord {
     pub flags: u32,
 }
 
+/// A slot of the kernel's socket table (by `struct sock` address): open
+/// addressing over an array, claimed with a compare-and-swap on `key` (0:
+/// free), so keeping and dropping a socket's record takes no lock (a hash
+/// map's update takes a bucket lock with interrupts off, ~450 ns on these
+/// VMs). A socket whose [`SOCK_SLOT_PROBES`] slots are all taken goes to
+/// an overflow hash map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockSlot {
+    pub key: u64,
+    pub record: SockRecord,
+}
+
+/// Slots a socket may take, from its home slot on.
+pub const SOCK_SLOT_PROBES: u32 = 8;
+
+/// A socket's home slot in a table of `mask + 1` slots (a power of two).
+/// From the address's low 32 bits only: the verifier lets a program take
+/// those of a socket pointer (a 32-bit move), not do arithmetic on the
+/// pointer itself. Socket addresses share their lowest bits (slab
+/// objects): a multiplicative hash spreads them.
+#[inline(always)]
+pub fn sock_slot_home(sk: u64, mask: u32) -> u32 {
+    ((u64::from(sk as u32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask
+}
+
 /// [`SockRecord::flags`]: the socket has stayed in CLOSE_WAIT long enough
 /// that the agent may know it: every later state change is sent.
 pub const FOLLOWED: u32 = 1;
@@ -66,7 +92,9 @@ mod pod {
     // SAFETY: plain-old-data, repr(C), explicit padding.
     unsafe impl aya::Pod for super::SockRecord {}
     unsafe impl aya::Pod for super::Touch {}
+    unsafe impl aya::Pod for super::SockSlot {}
 }
 
 const _: () = assert!(core::mem::size_of::<Touch>() == 64);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 72);
+const _: () = assert!(core::mem::size_of::<SockSlot>() == 80);

@@ -54,3 +54,9 @@ pub fn follow() -> bool {
 pub fn promote_ns() -> u64 {
     volatile(&CONFIG.promote_ns)
 }
+
+/// The socket table's slots less one (see `socks`).
+#[inline(always)]
+pub fn socket_slots_mask() -> u32 {
+    volatile(&CONFIG.socket_slots_mask)
+}

@@ -1,7 +1,7 @@
 //! Sockets followed in the kernel (default `live`, `Config::follow`):
 //! userspace hears of a socket only when it matters.
 //!
-//! - Its opener (connect, accept) is kept in `SOCKS`, with its stacks'
+//! - Its opener (connect, accept) is kept in the socket table (`socks`), with its stacks'
 //!   catalogue keys; the last close of a shared fd to it in
 //!   `SHARED_CLOSES`.
 //! - Entering CLOSE_WAIT puts that state change in `CLOSE_WAIT`, which the
@@ -17,13 +17,7 @@
 //!   agent read is always older than that when anything else happens to
 //!   it, so no race decides what is sent.
 
-use aya_ebpf::{
-    bindings::{BPF_EXIST, BPF_NOEXIST},
-    cty::c_void,
-    helpers::generated::bpf_get_socket_cookie,
-    programs::BtfTracePointContext,
-    EbpfContext,
-};
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_get_socket_cookie, programs::BtfTracePointContext, EbpfContext};
 use tracer_common::{
     stats, tcp, EventKind, Header, SockRecord, StateEvent, Touch, FOLLOWED, OPENED_BY_ACCEPT, OPENED_BY_CONNECT,
     SHARED_CLOSE,
@@ -34,7 +28,7 @@ use crate::{
     config::off,
     emit, fdsock,
     maps::{self, Counters},
-    state,
+    socks, state,
 };
 
 /// What the state hook does with a change when sockets are followed.
@@ -91,35 +85,19 @@ fn touch<C: EbpfContext>(ctx: &C, fd: i32, set: Counters, open: bool, stacks: bo
     }
 }
 
-const EEXIST: i32 = 17;
-
-/// Inserts or replaces `SOCKS[sk]`; with `--pid`, counted in `SOCKS_COUNT`
-/// (host-wide the map is never empty, and a shared counter would bounce
-/// between CPUs on every connection). A full map is counted in `set`.
+/// Keeps `record` as the socket's (see `socks`). No room: counted in `set`.
 #[inline(always)]
 fn insert_sock(sk: u64, record: &SockRecord, set: Counters) {
-    let inserted = if config::filter_tgid() == 0 {
-        maps::SOCKS.insert(&sk, record, 0).is_ok()
-    } else {
-        match maps::SOCKS.insert(&sk, record, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {
-                maps::count_socks(1);
-                true
-            }
-            Err(e) if e == -EEXIST => maps::SOCKS.insert(&sk, record, u64::from(BPF_EXIST)).is_ok(),
-            Err(_) => false,
-        }
-    };
-    if !inserted {
+    if !socks::insert(sk, record) {
         maps::count(set, stats::OWNERS_FULL);
     }
 }
 
-/// Whether `SOCKS` may hold the socket: with `--pid`, only while it holds
-/// anything.
+/// Whether the socket table may hold the socket: with `--pid`, only while
+/// it holds anything.
 #[inline(always)]
 fn may_have_sock() -> bool {
-    config::filter_tgid() == 0 || maps::any_socks()
+    config::filter_tgid() == 0 || socks::any()
 }
 
 /// With `--pid`: whether the socket is the watched process's, opened by it
@@ -131,7 +109,7 @@ fn watched(sk: *const c_void) -> bool {
     if config::filter_tgid() == 0 {
         return true;
     }
-    if maps::any_socks() && maps::SOCKS.get_ptr(&(sk as u64)).is_some() {
+    if socks::any() && socks::get(sk as u64).is_some() {
         return true;
     }
     // The cookie as the socket holds it: 0 (never asked for) cannot be in
@@ -172,7 +150,7 @@ fn in_close_wait_known_to_agent(cookie: u64) -> bool {
 /// has none. A full map is counted in `set`.
 #[inline(always)]
 fn add_flag(sk: u64, flag: u32, set: Counters) {
-    if let Some(r) = maps::SOCKS.get_ptr_mut(&sk) {
+    if let Some(r) = socks::get(sk) {
         // SAFETY: a map value; flags only ever gain bits.
         unsafe { (*r).flags |= flag };
         return;
@@ -277,7 +255,7 @@ fn on_destroy(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
     if !may_have_sock() {
         return;
     }
-    let Some(r) = maps::SOCKS.get_ptr(&(sk as u64)) else {
+    let Some(r) = socks::get(sk as u64) else {
         return;
     };
     // SAFETY: a map value, read at once.
@@ -293,8 +271,8 @@ fn on_destroy(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
 /// The socket is gone: its entries are freed for the next one.
 #[inline(always)]
 fn destroyed(sk: u64, cookie: u64, followed: bool, shared_close: bool) {
-    if may_have_sock() && maps::SOCKS.remove(&sk).is_ok() && config::filter_tgid() != 0 {
-        maps::count_socks(u64::MAX);
+    if may_have_sock() {
+        socks::remove(sk);
     }
     if shared_close {
         let _ = maps::SHARED_CLOSES.remove(&sk);

@@ -15,6 +15,8 @@
 #![no_main]
 // `atomic_xadd`: the BPF target has no `AtomicU64::fetch_add`.
 #![feature(core_intrinsics)]
+// `socks::low32`: a 32-bit move, the one way to a socket pointer's bits.
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 mod accept;
@@ -27,6 +29,7 @@ mod follow;
 mod kstack;
 mod maps;
 mod scratch;
+mod socks;
 mod state;
 mod ustack;
 

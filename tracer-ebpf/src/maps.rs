@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{stats, KernelStackEvent, SockRecord, StateEvent, Touch, UserStackEvent};
+use tracer_common::{stats, KernelStackEvent, SockRecord, SockSlot, StateEvent, Touch, UserStackEvent};
 
 /// All events, to the agent. Resized by the agent at load time.
 #[map]
@@ -91,31 +91,39 @@ pub fn count(set: Counters, index: u32) {
     }
 }
 
-/// Followed sockets (`follow`): who opened each, by `struct sock` address
-/// (unique while the socket lives; removed when it is destroyed).
-/// Preallocated: allocating on every connect cost more than the rest of
-/// the hook (about 2 µs per connection on the bench). Full: counted
-/// (`OWNERS_FULL`). Sized by the agent.
+/// Followed sockets (`follow`): who opened each (connect, accept), by
+/// `struct sock` address, in an open-addressed table (see `socks`). Sized
+/// by the agent (a power of two).
 #[map]
-pub static SOCKS: HashMap<u64, SockRecord> = HashMap::with_max_entries(1 << 17, 0);
+pub static SOCK_SLOTS: Array<SockSlot> = Array::with_max_entries(1 << 17, 0);
 
-/// With `--pid`: how many entries `SOCKS` holds (slot 0). While none, a
-/// state change of a socket that is not in the watch list is another
-/// process's, known without a hash lookup.
+/// Followed sockets whose slots in `SOCK_SLOTS` were all taken. Full:
+/// counted (`OWNERS_FULL`). Sized by the agent.
 #[map]
-pub static SOCKS_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+pub static SOCKS: HashMap<u64, SockRecord> = HashMap::with_max_entries(16384, 0);
 
-/// Whether `SOCKS_COUNT` says `SOCKS` holds anything.
+/// Socket-table counts: [`SOCKS_ANY`], with `--pid` only, how many sockets
+/// the table holds (while none, a state change of a socket not in the
+/// watch list is another process's, known without looking); and
+/// [`SOCKS_OVERFLOW`], how many `SOCKS` holds (while none, nobody looks
+/// there).
+#[map]
+pub static SOCKS_COUNT: Array<u64> = Array::with_max_entries(2, 0);
+
+pub const SOCKS_ANY: u32 = 0;
+pub const SOCKS_OVERFLOW: u32 = 1;
+
+/// Whether `SOCKS_COUNT[slot]` is not 0.
 #[inline(always)]
-pub fn any_socks() -> bool {
-    SOCKS_COUNT.get(0).is_some_and(|n| *n != 0)
+pub fn any_socks(slot: u32) -> bool {
+    SOCKS_COUNT.get(slot).is_some_and(|n| *n != 0)
 }
 
-/// Adds `delta` (wrapping: `u64::MAX` is -1) to `SOCKS_COUNT`. Atomic:
-/// every CPU's hooks update it.
+/// Adds `delta` (wrapping: `u64::MAX` is -1) to `SOCKS_COUNT[slot]`.
+/// Atomic: every CPU's hooks update it.
 #[inline(always)]
-pub fn count_socks(delta: u64) {
-    if let Some(p) = SOCKS_COUNT.get_ptr_mut(0) {
+pub fn count_socks(slot: u32, delta: u64) {
+    if let Some(p) = SOCKS_COUNT.get_ptr_mut(slot) {
         // SAFETY: an 8-byte aligned array value. The result is unused, so
         // this is the classic atomic add (BPF_XADD) every kernel's verifier
         // accepts; the BPF target has no `AtomicU64::fetch_add`.

@@ -188,9 +188,10 @@ pub struct TraceArgs {
     #[arg(long, hide = true)]
     pub every_event: bool,
 
-    /// Entries in the kernel's map of followed sockets' openers (default
-    /// `live`). When full, more are counted (owners_full): their leaks
-    /// come without owner.
+    /// Slots in the kernel's table of followed sockets' openers (default
+    /// `live`; rounded up to a power of two), and at most 16384 entries
+    /// in its overflow map. When both are full, more are counted
+    /// (owners_full): their leaks come without owner.
     #[arg(long, value_name = "N", default_value_t = 1 << 17, value_parser = clap::value_parser!(u32).range(1..), hide = true)]
     pub socket_entries: u32,
 

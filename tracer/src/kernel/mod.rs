@@ -13,7 +13,10 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::{stats, Config, SockRecord, StateEvent, Touch, SHARED_CLOSE, STACKS_KERNEL, STACKS_USER};
+use tracer_common::{
+    sock_slot_home, stats, Config, SockRecord, SockSlot, StateEvent, Touch, SHARED_CLOSE, SOCK_SLOT_PROBES,
+    STACKS_KERNEL, STACKS_USER,
+};
 
 use hooks::{Attach, HOOKS};
 
@@ -110,6 +113,8 @@ pub struct Kernel {
     reported: HashMap<MapData, u64, u8>,
     close_wait: HashMap<MapData, u64, StateEvent>,
     socks: HashMap<MapData, u64, SockRecord>,
+    sock_slots: Array<MapData, SockSlot>,
+    socket_slots_mask: u32,
     shared_closes: HashMap<MapData, u64, Touch>,
     reported_count: Array<MapData, u64>,
     known_stacks: HashMap<MapData, [u64; 2], u8>,
@@ -130,6 +135,7 @@ impl Kernel {
         let offs = offsets::resolve(&offsets::load_btf()?)?;
         let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
         raise_memlock();
+        let socket_slots = opts.socket_entries.checked_next_power_of_two().unwrap_or(1 << 31);
         let config = Config {
             filter_tgid: opts.filter_tgid.unwrap_or(0),
             stacks: match (opts.user_stacks, opts.kernel_stacks) {
@@ -141,6 +147,8 @@ impl Kernel {
             stack_rate: opts.stack_rate,
             follow: u32::from(opts.follow.is_some()),
             promote_ns: opts.follow.unwrap_or(0),
+            socket_slots_mask: socket_slots - 1,
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -150,7 +158,8 @@ impl Kernel {
             .map_max_entries("WATCH", opts.watch_entries)
             .map_max_entries("REPORTED", opts.reported_entries)
             .map_max_entries("CLOSE_WAIT", opts.close_wait_entries)
-            .map_max_entries("SOCKS", opts.socket_entries)
+            .map_max_entries("SOCK_SLOTS", socket_slots)
+            .map_max_entries("SOCKS", opts.socket_entries.min(SOCKS_OVERFLOW_ENTRIES))
             .load(OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
         // The eBPF side logs only rare diagnostics (a socket it could not
@@ -204,6 +213,7 @@ impl Kernel {
         let reported = HashMap::try_from(ebpf.take_map("REPORTED").context("REPORTED map")?)?;
         let close_wait = HashMap::try_from(ebpf.take_map("CLOSE_WAIT").context("CLOSE_WAIT map")?)?;
         let socks = HashMap::try_from(ebpf.take_map("SOCKS").context("SOCKS map")?)?;
+        let sock_slots = Array::try_from(ebpf.take_map("SOCK_SLOTS").context("SOCK_SLOTS map")?)?;
         let shared_closes = HashMap::try_from(ebpf.take_map("SHARED_CLOSES").context("SHARED_CLOSES map")?)?;
         let reported_count = Array::try_from(ebpf.take_map("REPORTED_COUNT").context("REPORTED_COUNT map")?)?;
         let known_stacks = HashMap::try_from(ebpf.take_map("KNOWN_STACKS").context("KNOWN_STACKS map")?)?;
@@ -217,6 +227,8 @@ impl Kernel {
             reported,
             close_wait,
             socks,
+            sock_slots,
+            socket_slots_mask: socket_slots - 1,
             shared_closes,
             reported_count,
             known_stacks,
@@ -307,13 +319,27 @@ impl Kernel {
     /// What the kernel side keeps of a followed socket: its opener, and the
     /// last close of an fd to it that left it open.
     pub fn socket_record(&self, skaddr: u64) -> (Option<SockRecord>, Option<Touch>) {
-        let Ok(r) = self.socks.get(&skaddr, 0) else {
+        let Some(r) = self.socket_slot(skaddr).or_else(|| self.socks.get(&skaddr, 0).ok()) else {
             return (None, None);
         };
         let close = (r.flags & SHARED_CLOSE != 0)
             .then(|| self.shared_closes.get(&skaddr, 0).ok())
             .flatten();
         (Some(r), close)
+    }
+
+    /// A socket's record in the kernel's socket table, read twice: a slot
+    /// that changed in between (the socket went, another took the slot)
+    /// is not taken.
+    fn socket_slot(&self, skaddr: u64) -> Option<SockRecord> {
+        let mask = self.socket_slots_mask;
+        let home = sock_slot_home(skaddr, mask);
+        (0..SOCK_SLOT_PROBES).find_map(|i| {
+            let idx = home.wrapping_add(i) & mask;
+            let first = self.sock_slots.get(&idx, 0).ok().filter(|s| s.key == skaddr)?;
+            let again = self.sock_slots.get(&idx, 0).ok()?;
+            (again == first).then_some(first.record)
+        })
     }
 
     /// Tells the close hook how many sockets are marked reported (while
@@ -388,7 +414,10 @@ fn verifier_detail(e: aya::programs::ProgramError) -> anyhow::Error {
 /// Turns EPERM/EACCES into the one thing a user needs to know.
 fn privilege_hint(e: anyhow::Error, doing: &str) -> anyhow::Error {
     let text = format!("{e:#}");
-    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+    // The verifier answers EACCES too, for a program it rejects: its log
+    // says why, and that is not a missing privilege.
+    let refused = text.contains("Operation not permitted") || text.contains("Permission denied");
+    if refused && !text.contains("verifier log") {
         anyhow!(
             "{doing} was refused by the kernel: tracer needs CAP_BPF and CAP_PERFMON (a container or security module can withhold them, even from root): run it as root, or grant CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH,CAP_CHECKPOINT_RESTORE (see README, Requirements)"
         )
@@ -406,6 +435,10 @@ fn raise_memlock() {
     // SAFETY: plain syscall with a valid struct.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
+
+/// Entries of the kernel's overflow socket map (sockets whose slots in
+/// the socket table were all taken).
+const SOCKS_OVERFLOW_ENTRIES: u32 = 16384;
 
 /// The kernel's count of runs of the program behind `fd` skipped because
 /// it was already running on that CPU (`recursion_misses` in its fdinfo;

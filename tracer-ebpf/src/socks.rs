@@ -1,0 +1,141 @@
+//! The table of followed sockets' records (`follow`), by `struct sock`
+//! address: open addressing over `SOCK_SLOTS` (an array), a slot claimed
+//! with a compare-and-swap on its key and freed by clearing it. No lock is
+//! taken: a hash map's update takes a bucket lock with interrupts off,
+//! which `perf` showed to be most of the state and accept hooks' cost.
+//!
+//! A socket is in one of its `SOCK_SLOT_PROBES` slots from its home slot,
+//! or, when they are all taken, in the overflow hash map `SOCKS` (counted,
+//! so that while it is empty nobody looks there).
+//!
+//! Races: a socket's record is written by its own connect or accept, and
+//! read or dropped by its own state changes, which the kernel serialises
+//! (they run under the socket's lock or after its last reference). Two
+//! sockets only race for a free slot, which the compare-and-swap settles.
+//! The agent reads a record long after it was written (the socket has
+//! been in CLOSE_WAIT for a while) and checks the key again after reading.
+
+use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+
+use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
+use tracer_common::{sock_slot_home, SockRecord, SockSlot, SOCK_SLOT_PROBES};
+
+use crate::{config, maps};
+
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+fn slot(sk: u64, i: u32) -> Option<*mut SockSlot> {
+    let mask = config::socket_slots_mask();
+    maps::SOCK_SLOTS.get_ptr_mut(sock_slot_home(low32(sk), mask).wrapping_add(i) & mask)
+}
+
+/// The low 32 bits of a socket address, as a plain number. The state
+/// hook's `sk` is a pointer to the verifier, which forbids arithmetic on
+/// it (the compiler's truncation is a shift) but allows a 32-bit move,
+/// whose result is a number.
+#[inline(always)]
+fn low32(sk: u64) -> u64 {
+    let lo: u64;
+    // SAFETY: one register move, no memory access.
+    unsafe { core::arch::asm!("w2 = w1", in("r1") sk, lateout("r2") lo, options(pure, nomem, nostack)) };
+    lo
+}
+
+#[inline(always)]
+fn key_of(s: *mut SockSlot) -> u64 {
+    // SAFETY: an array map value; other CPUs may write the key, hence the
+    // volatile read.
+    unsafe { core::ptr::read_volatile(&(*s).key) }
+}
+
+/// Claims a free slot for `sk`: whether it is now `sk`'s.
+#[inline(always)]
+fn claim(s: *mut SockSlot, sk: u64) -> bool {
+    // SAFETY: an 8-byte aligned array value (BPF_ATOMIC cmpxchg).
+    unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(&raw mut (*s).key, 0, sk).1 }
+}
+
+/// Keeps `record` as `sk`'s, replacing any it had. False: no room (its
+/// slots and the overflow map are full).
+#[inline(always)]
+pub fn insert(sk: u64, record: &SockRecord) -> bool {
+    if let Some(r) = get(sk) {
+        // SAFETY: the socket's own record (see the module's races).
+        unsafe { *r = *record };
+        return true;
+    }
+    for i in 0..SOCK_SLOT_PROBES {
+        let Some(s) = slot(sk, i) else { continue };
+        if key_of(s) == 0 && claim(s, sk) {
+            // SAFETY: the slot is now this socket's.
+            unsafe { (*s).record = *record };
+            count_pid_sockets(1);
+            return true;
+        }
+    }
+    insert_overflow(sk, record)
+}
+
+#[inline(always)]
+fn insert_overflow(sk: u64, record: &SockRecord) -> bool {
+    match maps::SOCKS.insert(&sk, record, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            maps::count_socks(maps::SOCKS_OVERFLOW, 1);
+            count_pid_sockets(1);
+            true
+        }
+        Err(e) if e == -EEXIST => maps::SOCKS.insert(&sk, record, u64::from(BPF_EXIST)).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// `sk`'s record, if it has one.
+#[inline(always)]
+pub fn get(sk: u64) -> Option<*mut SockRecord> {
+    for i in 0..SOCK_SLOT_PROBES {
+        let Some(s) = slot(sk, i) else { continue };
+        if key_of(s) == sk {
+            // SAFETY: an array map value.
+            return Some(unsafe { &raw mut (*s).record });
+        }
+    }
+    if maps::any_socks(maps::SOCKS_OVERFLOW) {
+        return maps::SOCKS.get_ptr_mut(&sk);
+    }
+    None
+}
+
+/// Drops `sk`'s record: the socket is destroyed.
+#[inline(always)]
+pub fn remove(sk: u64) {
+    for i in 0..SOCK_SLOT_PROBES {
+        let Some(s) = slot(sk, i) else { continue };
+        if key_of(s) == sk {
+            // SAFETY: an array map value; a plain 8-byte store is atomic.
+            unsafe { core::ptr::write_volatile(&raw mut (*s).key, 0) };
+            count_pid_sockets(u64::MAX);
+            return;
+        }
+    }
+    if maps::any_socks(maps::SOCKS_OVERFLOW) && maps::SOCKS.remove(&sk).is_ok() {
+        maps::count_socks(maps::SOCKS_OVERFLOW, u64::MAX);
+        count_pid_sockets(u64::MAX);
+    }
+}
+
+/// With `--pid`, how many sockets the table holds is counted (see
+/// `follow::watched`); host-wide it is never 0, and a counter shared by
+/// every CPU would cost more than it saves.
+#[inline(always)]
+fn count_pid_sockets(delta: u64) {
+    if config::filter_tgid() != 0 {
+        maps::count_socks(maps::SOCKS_ANY, delta);
+    }
+}
+
+/// With `--pid`: whether the table may hold any socket.
+#[inline(always)]
+pub fn any() -> bool {
+    maps::any_socks(maps::SOCKS_ANY)
+}
