@@ -156,6 +156,8 @@ pub struct RunResult {
     pub delivered: Option<u64>,
     pub decode_errors: Option<u64>,
     pub drops: Option<u64>,
+    /// Hook runs the kernel skipped (see `observer::Counters`).
+    pub hook_misses: Option<u64>,
     /// Generated, but neither delivered (decoded or not) nor counted as
     /// dropped.
     pub missing: Option<u64>,

@@ -133,6 +133,9 @@ pub struct Counters {
     pub delivered: Option<u64>,
     pub decode_errors: Option<u64>,
     pub drops: Option<u64>,
+    /// Hook runs the kernel skipped (`stats.kernel.hook_misses`): events
+    /// never generated, so outside generated = delivered + dropped.
+    pub hook_misses: Option<u64>,
     pub leaks_reported: Option<u64>,
     pub output_bytes: Option<u64>,
     /// Anything worth a note (hooks not attached, damaged recording).
@@ -418,6 +421,7 @@ pub fn summary_counters(jsonl: &str) -> Result<Counters> {
     Ok(Counters {
         kernel_generated: num("/kernel/generated"),
         drops: num("/kernel/ringbuf_drops"),
+        hook_misses: num("/kernel/hook_misses"),
         received: num("/agent/events"),
         delivered: num("/delivered").or(num("/agent/events")),
         decode_errors: num("/decode_errors"),

@@ -63,6 +63,8 @@ pub struct Row {
     pub missing: Option<u64>,
     /// Ring-buffer records that could not be decoded, sum over all runs.
     pub decode_errors: Option<u64>,
+    /// Hook runs the kernel skipped, sum over all runs.
+    pub hook_misses: Option<u64>,
     pub agent_start_s: Option<f64>,
     pub agent_cpu_s: Option<f64>,
     pub bpf_cpu_s: Option<f64>,
@@ -110,6 +112,7 @@ pub fn rows(configs: &[Config], results: &[RunResult]) -> Vec<Row> {
             let drops: Vec<u64> = ok.iter().chain(&accounted).filter_map(|r| r.drops).collect();
             let missing: Vec<u64> = ok.iter().chain(&accounted).filter_map(|r| r.missing).collect();
             let undecoded: Vec<u64> = ok.iter().chain(&accounted).filter_map(|r| r.decode_errors).collect();
+            let skipped: Vec<u64> = ok.iter().chain(&accounted).filter_map(|r| r.hook_misses).collect();
             Row {
                 workload: c.workload.name(),
                 label: c.label(),
@@ -125,6 +128,7 @@ pub fn rows(configs: &[Config], results: &[RunResult]) -> Vec<Row> {
                 drops: (!drops.is_empty()).then(|| drops.iter().sum()),
                 missing: (!missing.is_empty()).then(|| missing.iter().sum()),
                 decode_errors: (!undecoded.is_empty()).then(|| undecoded.iter().sum()),
+                hook_misses: (!skipped.is_empty()).then(|| skipped.iter().sum()),
                 agent_start_s: med(&|r| r.agent_start_s),
                 agent_cpu_s: med(&|r| r.agent_cpu_s),
                 bpf_cpu_s: median(accounted.iter().filter_map(|r| r.bpf_cpu_s)),
@@ -316,9 +320,9 @@ pub fn headline(configs: &[Config], results: &[RunResult], rows: &[Row]) -> Vec<
                 agent_us_per_conn: agent,
                 total_us_per_conn: total,
                 received_per_conn: row.received_per_conn,
-                lost: match (row.drops, row.missing, row.decode_errors) {
-                    (None, None, None) => None,
-                    (d, m, u) => Some(d.unwrap_or(0) + m.unwrap_or(0) + u.unwrap_or(0)),
+                lost: match (row.drops, row.missing, row.decode_errors, row.hook_misses) {
+                    (None, None, None, None) => None,
+                    (d, m, u, h) => Some(d.unwrap_or(0) + m.unwrap_or(0) + u.unwrap_or(0) + h.unwrap_or(0)),
                 },
                 floor: Some(floor.floor),
                 floor_us_per_conn: Some(floor.us_per_conn),
@@ -428,7 +432,7 @@ fn headline_markdown(o: &mut String, heads: &[Headline], bpf_stats: bool) {
     }
     let _ = writeln!(
         o,
-        "\nFloors (reference figures measured on these machines, not in this run): {}. × floor is total µs/conn over the row's floor. Targets (issue 10; informational, timing never fails the bench): `live` host-wide ≤ 2.5, `live --pid` of an idle process ≤ 0.5, `record` and `live --events` ≤ 4 µs/conn. lost: from the tracer's own counters, over every run: ring-buffer drops, undecodable records, and records missing (generated − delivered − undecodable − dropped). received/conn: what the agent analysed per connection, as measured (no fixed number is expected: default `live` may send almost nothing per connection).{}",
+        "\nFloors (reference figures measured on these machines, not in this run): {}. × floor is total µs/conn over the row's floor. Targets (issue 10; informational, timing never fails the bench): `live` host-wide ≤ 2.5, `live --pid` of an idle process ≤ 0.5, `record` and `live --events` ≤ 4 µs/conn. lost: from the tracer's own counters, over every run: ring-buffer drops, undecodable records, records missing (generated − delivered − undecodable − dropped), and hook runs the kernel skipped (the program already running on that CPU: events never generated). received/conn: what the agent analysed per connection, as measured (no fixed number is expected: default `live` may send almost nothing per connection).{}",
         REFERENCES
             .iter()
             .map(|r| format!("{} {} µs/conn, {}, for {}", r.floor, r.us_per_conn, r.what, r.applies_to))

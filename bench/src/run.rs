@@ -238,6 +238,7 @@ fn try_run(ctx: &Ctx, index: usize, config: &Config, run: usize, r: &mut RunResu
             r.delivered = c.delivered;
             r.decode_errors = c.decode_errors;
             r.drops = c.drops;
+            r.hook_misses = c.hook_misses;
             // Generated = delivered + undecodable + dropped, exactly,
             // whatever the mode sends per connection; a surplus means the
             // counters disagree.

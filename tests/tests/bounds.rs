@@ -81,18 +81,13 @@ fn full_watch_list_is_counted_not_fatal() {
 
 /// More leaks than the kernel's list of reported leaks holds: the overflow
 /// is counted (their late close would come without a stack).
-#[test]
-fn full_reported_list_is_counted() {
-    if !require_privileges() {
-        return;
-    }
+/// A client leaking `LEAKS` sockets, traced with `--pid` and
+/// `tracer_args`: the tracer's output, the leaks as `ss` sees them (read
+/// while the client still holds them), and the output for messages.
+fn traced_leaks(tracer_args: &[&str]) -> (TracerOutput, BTreeSet<u64>, String) {
     let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", "26"]);
     let addr = format!("127.0.0.1:{port}");
-    let (client, _, tracer) = trace_held_client(
-        &["--connect", &addr, "--mode", "leak"],
-        LEAKS,
-        &["--reported-entries", "3", "--leak-after", "1s", "--duration", "4s"],
-    );
+    let (client, _, tracer) = trace_held_client(&["--connect", &addr, "--mode", "leak"], LEAKS, tracer_args);
     let out = tracer.finish(Duration::from_secs(60));
     out.assert_success();
     let ctx = out.dump();
@@ -101,6 +96,16 @@ fn full_reported_list_is_counted() {
         .filter(|s| s.has_pid(client.pid()))
         .map(|s| s.cookie)
         .collect();
+    assert_eq!(truth.len(), LEAKS, "fixture sanity\n{ctx}");
+    (out, truth, ctx)
+}
+
+#[test]
+fn full_reported_list_is_counted() {
+    if !require_privileges() {
+        return;
+    }
+    let (out, truth, ctx) = traced_leaks(&["--reported-entries", "3", "--leak-after", "1s", "--duration", "4s"]);
     assert_eq!(leak_cookies(&out), truth, "every leak is found, as ss sees them\n{ctx}");
     assert_eq!(
         kernel_stat(&out, "reported_full"),
@@ -124,27 +129,13 @@ fn full_socket_table_is_counted() {
     if !require_privileges() {
         return;
     }
-    let (_server, port) = spawn_server("127.0.0.1:0", &["--reply", "26"]);
-    let addr = format!("127.0.0.1:{port}");
-    let (client, _, tracer) = trace_held_client(
-        &["--connect", &addr, "--mode", "leak"],
-        LEAKS,
-        &["--socket-entries", "2", "--leak-after", "1s", "--duration", "4s"],
-    );
-    let out = tracer.finish(Duration::from_secs(60));
-    out.assert_success();
-    let ctx = out.dump();
-    let truth: BTreeSet<u64> = ss_sockets("close-wait")
-        .iter()
-        .filter(|s| s.has_pid(client.pid()))
-        .map(|s| s.cookie)
-        .collect();
-    assert_eq!(truth.len(), LEAKS, "fixture sanity\n{ctx}");
+    let (out, truth, ctx) = traced_leaks(&["--socket-entries", "2", "--leak-after", "1s", "--duration", "4s"]);
     let found = leak_cookies(&out);
     assert_eq!(found.len(), 4, "the leaks whose opener had room\n{ctx}");
     assert!(found.is_subset(&truth), "every leak found is one ss sees\n{ctx}");
+    let pid = out.start()["filter_pid"].as_u64();
     for leak in out.summary_leaks() {
-        assert_eq!(leak.pid, client.pid(), "owner: {}\n{ctx}", leak.json);
+        assert_eq!(Some(u64::from(leak.pid)), pid, "owner: {}\n{ctx}", leak.json);
         assert_eq!(leak.json["owner_source"], "connect", "{}\n{ctx}", leak.json);
     }
     assert_eq!(
