@@ -101,4 +101,20 @@ fn check_balance(out: tracer_tests::TracerOutput) {
         "loss lines announce {announced}, summary says {dropped}\n{}",
         out.dump()
     );
+    // Counters only grow: the summary's are at least every loss line's
+    // (the kernel's count of skipped hook runs once read as 0 at the end,
+    // the programs being gone by then).
+    let totals = summary["stats"]["kernel"].as_object().expect("stats.kernel");
+    for line in &losses {
+        for (name, total) in totals {
+            let (Some(then), Some(total)) = (line["kernel"][name].as_u64(), total.as_u64()) else {
+                continue;
+            };
+            assert!(
+                then <= total,
+                "{name}: {then} in a loss line, {total} in the summary\n{}",
+                out.dump()
+            );
+        }
+    }
 }

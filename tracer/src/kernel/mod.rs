@@ -126,6 +126,9 @@ pub struct Kernel {
     /// The loaded programs' fds, whose fdinfo has the kernel's count of
     /// skipped runs.
     program_fds: Vec<RawFd>,
+    /// That count as `stop` found it, before the programs (and their fds)
+    /// went.
+    hook_misses_at_stop: Option<u64>,
 }
 
 impl Kernel {
@@ -237,6 +240,7 @@ impl Kernel {
             reported_full: 0,
             hooks,
             program_fds,
+            hook_misses_at_stop: None,
         })
     }
 
@@ -244,6 +248,7 @@ impl Kernel {
     /// left in the ring buffer is the rest: drained, the counters balance
     /// exactly (delivered + dropped = generated).
     pub fn stop(&mut self) {
+        self.hook_misses_at_stop = Some(self.hook_misses());
         for hook in HOOKS {
             let Some(prog) = self._ebpf.program_mut(hook.program) else {
                 continue;
@@ -260,6 +265,12 @@ impl Kernel {
                 log::debug!("detaching {}: {e:#}", hook.program);
             }
         }
+    }
+
+    /// Runs of the programs the kernel skipped so far (see
+    /// [`KernelStats::hook_misses`]).
+    fn hook_misses(&self) -> u64 {
+        self.program_fds.iter().map(|&fd| recursion_misses(fd)).sum()
     }
 
     /// Marks a socket as reported leaked, so its eventual close is captured
@@ -300,7 +311,7 @@ impl Kernel {
             stack_walk_truncated: sum(stats::STACK_WALK_TRUNCATED)?,
             owners_full: sum(stats::OWNERS_FULL)?,
             close_wait_spilled: sum(stats::CLOSE_WAIT_SPILLED)?,
-            hook_misses: self.program_fds.iter().map(|&fd| recursion_misses(fd)).sum(),
+            hook_misses: self.hook_misses_at_stop.unwrap_or_else(|| self.hook_misses()),
         })
     }
 
