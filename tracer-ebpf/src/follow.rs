@@ -1,9 +1,9 @@
 //! Sockets followed in the kernel (default `live`, `Config::follow`):
 //! userspace hears of a socket only when it matters.
 //!
-//! - Its opener (connect, accept) is kept in the socket table (`socks`), with its stacks'
-//!   catalogue keys; the last close of a shared fd to it in
-//!   `SHARED_CLOSES`.
+//! - Its opener (connect, accept) is kept in the socket table (`socks`),
+//!   with its stacks' catalogue keys; the last close of a shared fd to it
+//!   in `SHARED_CLOSES`.
 //! - Entering CLOSE_WAIT puts that state change in `CLOSE_WAIT`, which the
 //!   agent reads (with the socket's records) for the sockets that stay
 //!   there at least `promote_ns`. Most leave within microseconds: nothing
@@ -52,8 +52,7 @@ pub fn on_state(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, new
 /// never reused; the entry would only take room).
 #[inline(always)]
 fn unwatch(sk: *const c_void) {
-    // SAFETY: a field of the BTF-typed socket (see `state::load`).
-    let cookie: u64 = unsafe { state::load(sk, off!(skc_cookie)) };
+    let cookie = held_cookie(sk);
     if cookie != 0 {
         let _ = maps::WATCH.remove(&cookie);
     }
@@ -100,8 +99,18 @@ fn may_have_sock() -> bool {
     config::filter_tgid() == 0 || socks::any()
 }
 
+/// The cookie as the socket holds it, without assigning one (as
+/// `bpf_get_socket_cookie` does, from a counter all CPUs share): 0 if it
+/// was never asked for, and then it cannot be in the watch list, which the
+/// snapshot and the accept hook fill.
+#[inline(always)]
+fn held_cookie(sk: *const c_void) -> u64 {
+    // SAFETY: a field of the BTF-typed socket (see `state::load`).
+    unsafe { state::load(sk, off!(skc_cookie)) }
+}
+
 /// With `--pid`: whether the socket is the watched process's, opened by it
-/// (`SOCKS`) or older than the tracer (the watch list), found without
+/// (the socket table) or older than the tracer (the watch list), found without
 /// asking the socket for a cookie (which assigns one, from a counter all
 /// CPUs share). Other processes' sockets end here.
 #[inline(always)]
@@ -112,10 +121,7 @@ fn watched(sk: *const c_void) -> bool {
     if socks::any() && socks::get(sk as u64).is_some() {
         return true;
     }
-    // The cookie as the socket holds it: 0 (never asked for) cannot be in
-    // the watch list, which the snapshot and the accept hook fill.
-    // SAFETY: a field of the BTF-typed socket (see `state::load`).
-    let cookie: u64 = unsafe { state::load(sk, off!(skc_cookie)) };
+    let cookie = held_cookie(sk);
     cookie != 0 && maps::WATCH.get_ptr(&cookie).is_some()
 }
 

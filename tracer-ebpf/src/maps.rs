@@ -132,7 +132,8 @@ pub fn count_socks(slot: u32, delta: u64) {
 }
 
 /// Followed sockets: the last close of an fd that left the socket open (a
-/// shared file), by `struct sock` address. Rare; flagged in `SOCKS`.
+/// shared file), by `struct sock` address. Rare; flagged in the socket's
+/// record (`SHARED_CLOSE`).
 #[map]
 pub static SHARED_CLOSES: HashMap<u64, Touch> = HashMap::with_max_entries(16384, 0);
 

@@ -17,12 +17,10 @@
 
 use core::intrinsics::{atomic_cxchg, AtomicOrdering};
 
-use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use tracer_common::{sock_slot_home, SockRecord, SockSlot, SOCK_SLOT_PROBES};
 
 use crate::{config, maps};
-
-const EEXIST: i32 = 17;
 
 #[inline(always)]
 fn slot(sk: u64, i: u32) -> Option<*mut SockSlot> {
@@ -77,17 +75,16 @@ pub fn insert(sk: u64, record: &SockRecord) -> bool {
     insert_overflow(sk, record)
 }
 
+/// A new entry in the overflow map (`insert` found none for `sk`, and the
+/// socket's own changes are serialised): an error means the map is full.
 #[inline(always)]
 fn insert_overflow(sk: u64, record: &SockRecord) -> bool {
-    match maps::SOCKS.insert(&sk, record, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {
-            maps::count_socks(maps::SOCKS_OVERFLOW, 1);
-            count_pid_sockets(1);
-            true
-        }
-        Err(e) if e == -EEXIST => maps::SOCKS.insert(&sk, record, u64::from(BPF_EXIST)).is_ok(),
-        Err(_) => false,
+    if maps::SOCKS.insert(&sk, record, u64::from(BPF_NOEXIST)).is_err() {
+        return false;
     }
+    maps::count_socks(maps::SOCKS_OVERFLOW, 1);
+    count_pid_sockets(1);
+    true
 }
 
 /// `sk`'s record, if it has one.

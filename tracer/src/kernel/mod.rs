@@ -139,6 +139,7 @@ impl Kernel {
         let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
         raise_memlock();
         let socket_slots = opts.socket_entries.checked_next_power_of_two().unwrap_or(1 << 31);
+        let socket_slots_mask = socket_slots - 1;
         let config = Config {
             filter_tgid: opts.filter_tgid.unwrap_or(0),
             stacks: match (opts.user_stacks, opts.kernel_stacks) {
@@ -150,7 +151,7 @@ impl Kernel {
             stack_rate: opts.stack_rate,
             follow: u32::from(opts.follow.is_some()),
             promote_ns: opts.follow.unwrap_or(0),
-            socket_slots_mask: socket_slots - 1,
+            socket_slots_mask,
             _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
@@ -231,7 +232,7 @@ impl Kernel {
             close_wait,
             socks,
             sock_slots,
-            socket_slots_mask: socket_slots - 1,
+            socket_slots_mask,
             shared_closes,
             reported_count,
             known_stacks,

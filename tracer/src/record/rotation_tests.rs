@@ -120,6 +120,17 @@ fn long_recording() -> Vec<Input> {
     v
 }
 
+/// Every input written to a recording of files of at most `max` bytes,
+/// `keep` of them kept: those files, by index.
+fn record_all(inputs: &[Input], max: u64, keep: u32) -> Vec<(usize, Vec<u8>)> {
+    let (mut r, files) = rotating(&header_max(max), keep);
+    for i in inputs {
+        r.write(i).unwrap();
+    }
+    drop(r);
+    kept(&files)
+}
+
 fn kept(files: &Files) -> Vec<(usize, Vec<u8>)> {
     files
         .borrow()
@@ -250,12 +261,7 @@ fn forgotten_names_and_stacks_are_not_repeated() {
     }));
     inputs.extend(churn(SEC, 1000, 2000));
     inputs.push(end(3 * SEC));
-    let (mut r, files) = rotating(&header_max(MAX), 100);
-    for i in &inputs {
-        r.write(i).unwrap();
-    }
-    drop(r);
-    let kept = kept(&files);
+    let kept = record_all(&inputs, MAX, 100);
     assert!(kept.len() > 2);
     for (i, f) in kept.iter().skip(1) {
         let mut r = Reader::new(format!("f{i}"), &f[..]).unwrap();
@@ -318,12 +324,7 @@ fn counters_add_up_when_they_fill_a_file() {
     }
     let last = (churn.len() as u64).div_ceil(40);
     inputs.push(end(10 * SEC));
-    let (mut r, files) = rotating(&header_max(MAX), 1000);
-    for i in &inputs {
-        r.write(i).unwrap();
-    }
-    drop(r);
-    let all = kept(&files);
+    let all = record_all(&inputs, MAX, 1000);
     assert!(all.len() > 3, "{} files", all.len());
     for (i, f) in &all {
         assert!(f.len() as u64 <= MAX, "file {i}: {} bytes", f.len());
