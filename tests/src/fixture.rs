@@ -1,6 +1,7 @@
 //! Driving the `tcp-fixture` program: [`spawn_server`], [`start_client`],
 //! [`wait_client_done`], [`spawn_client`], its `SOCK` lines and its
-//! `--fork-holder` child ([`holder_pid`]).
+//! `--fork-holder` child ([`holder_pid`]); each also `_via` a wrapper
+//! that runs it in another namespace ([`fixture_command`]).
 
 use std::process::Command;
 use std::time::Duration;
@@ -34,12 +35,31 @@ impl SockLine {
     }
 }
 
+/// `tcp-fixture`, run through `wrapper` when it is not empty: a command
+/// that runs its arguments in place, as the same process (e.g. `ip netns
+/// exec NAME`, `nsenter --net=FILE`), so the child's pid is the fixture's.
+pub fn fixture_command(wrapper: &[&str]) -> Command {
+    match wrapper.split_first() {
+        None => Command::new(fixture_bin()),
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(fixture_bin());
+            cmd
+        }
+    }
+}
+
 /// Starts `tcp-fixture server --listen LISTEN ARGS...` and waits for its
 /// `READY <port>` line.
 pub fn spawn_server(listen: &str, args: &[&str]) -> (Child, u16) {
-    let mut cmd = Command::new(fixture_bin());
+    spawn_server_via(&[], listen, args)
+}
+
+/// [`spawn_server`] through `wrapper` (see [`fixture_command`]).
+pub fn spawn_server_via(wrapper: &[&str], listen: &str, args: &[&str]) -> (Child, u16) {
+    let mut cmd = fixture_command(wrapper);
     cmd.arg("server").arg("--listen").arg(listen).args(args);
-    let mut child = Child::spawn(&format!("fixture server {listen} {args:?}"), cmd);
+    let mut child = Child::spawn(&format!("fixture server {listen} {args:?} via {wrapper:?}"), cmd);
     let line = child.wait_line(|l| l.starts_with("READY "), Duration::from_secs(10));
     let port = line["READY ".len()..]
         .trim()
@@ -51,9 +71,14 @@ pub fn spawn_server(listen: &str, args: &[&str]) -> (Child, u16) {
 /// Starts `tcp-fixture client ARGS...` without waiting for anything (use
 /// with `--wait-stdin-line`, then [`wait_client_done`]).
 pub fn start_client(args: &[&str]) -> Child {
-    let mut cmd = Command::new(fixture_bin());
+    start_client_via(&[], args)
+}
+
+/// [`start_client`] through `wrapper` (see [`fixture_command`]).
+pub fn start_client_via(wrapper: &[&str], args: &[&str]) -> Child {
+    let mut cmd = fixture_command(wrapper);
     cmd.arg("client").args(args);
-    Child::spawn(&format!("fixture client {args:?}"), cmd)
+    Child::spawn(&format!("fixture client {args:?} via {wrapper:?}"), cmd)
 }
 
 /// Waits for the client's `DONE <pid>` line and its `count` `SOCK` lines.
@@ -95,6 +120,11 @@ pub fn holder_pid(child: &Child) -> Option<u32> {
 /// connections (`DONE`), returning the child and its `SOCK` lines. The
 /// number of sockets is taken from `--count` (default 1).
 pub fn spawn_client(args: &[&str]) -> (Child, Vec<SockLine>) {
+    spawn_client_via(&[], args)
+}
+
+/// [`spawn_client`] through `wrapper` (see [`fixture_command`]).
+pub fn spawn_client_via(wrapper: &[&str], args: &[&str]) -> (Child, Vec<SockLine>) {
     let count = args
         .iter()
         .position(|a| *a == "--count")
@@ -104,7 +134,7 @@ pub fn spawn_client(args: &[&str]) -> (Child, Vec<SockLine>) {
                 .expect("--count needs a number")
         })
         .unwrap_or(1);
-    let mut child = start_client(args);
+    let mut child = start_client_via(wrapper, args);
     let socks = wait_client_done(&mut child, count);
     (child, socks)
 }

@@ -9,8 +9,14 @@
 //!   program.
 //! * [`tracer`]: [`run_tracer`] / [`Tracer`] / [`TracerOutput`] / [`Leak`],
 //!   `tracer live --json`.
+//! * [`http`]: [`http_get`], a plain GET (the daemon's endpoints,
+//!   Prometheus's API), and [`free_port`].
+//! * [`prometheus`]: [`prometheus::Prometheus`], a real Prometheus server
+//!   scraping the daemon, queried through its API.
 //! * [`ss`]: [`ss_sockets`] / [`SsMonitor`], ground truth from the kernel
-//!   via `ss`.
+//!   via `ss` (also inside another network namespace, or all of them).
+//! * [`netns`]: [`NetNs`], a network namespace of a test's own, and
+//!   [`TestCgroup`], a cgroup named as a container runtime names one.
 //! * [`evidence`]: [`Evidence`] / [`Group`] / [`Frame`], the root-cause
 //!   evidence in leak objects (unread bytes, holders, stacks).
 //! * [`procfs`]: ground truth from `/proc` ([`socket_fds`]).
@@ -27,11 +33,14 @@ pub mod child;
 pub mod compare;
 pub mod evidence;
 pub mod fixture;
+pub mod http;
 pub mod java;
 pub mod java_frames;
+pub mod netns;
 pub mod paths;
 pub mod privileges;
 pub mod procfs;
+pub mod prometheus;
 pub mod recording;
 pub mod reduced;
 pub mod ss;
@@ -43,10 +52,18 @@ pub use addr::{normalize_addr, port_of};
 pub use child::Child;
 pub use compare::assert_same_cookies;
 pub use evidence::{format_stack, stack_has, ClosedBy, Evidence, Frame, Group, Holder};
-pub use fixture::{holder_pid, spawn_client, spawn_server, start_client, wait_client_done, SockLine};
+pub use fixture::{
+    fixture_command, holder_pid, spawn_client, spawn_client_via, spawn_server, spawn_server_via, start_client,
+    start_client_via, wait_client_done, SockLine,
+};
+pub use http::{free_port, http_get, HttpReply};
+pub use netns::{NetNs, TestCgroup};
 pub use paths::{fixture_bin, tracer_bin};
 pub use privileges::require_privileges;
 pub use procfs::socket_fds;
 pub use recording::{run_tracer_cmd, start_recorder, Ran, RecordOutput, Recorder, RecordingInfo, TempFile};
-pub use ss::{format_ss, parse_ss_line, parse_ss_output, ss_sockets, wait_for_ss, SsMonitor, SsSocket, SsUser};
-pub use tracer::{run_tracer, trace_held_client, Leak, Tracer, TracerOutput};
+pub use ss::{
+    format_ss, parse_ss_line, parse_ss_output, ss_sockets, ss_sockets_every_netns, ss_sockets_via, wait_for_ss,
+    SsMonitor, SsSocket, SsUser,
+};
+pub use tracer::{run_daemon, run_tracer, trace_held_client, Leak, Tracer, TracerOutput};

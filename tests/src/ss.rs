@@ -1,6 +1,7 @@
 //! Ground truth from the kernel via `ss -tanpeH`: the parser
-//! ([`parse_ss_line`]), one-shot snapshots ([`ss_sockets`], [`wait_for_ss`])
-//! and a background poller ([`SsMonitor`]).
+//! ([`parse_ss_line`]), one-shot snapshots ([`ss_sockets`], [`wait_for_ss`];
+//! in another network namespace [`ss_sockets_via`], in all of them
+//! [`ss_sockets_every_netns`]) and a background poller ([`SsMonitor`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -163,18 +164,48 @@ pub fn parse_ss_output(text: &str, default_state: &str) -> Result<Vec<SsSocket>,
 /// Runs `ss -tanpeH state <state_filter>` (e.g. `"close-wait"`) and parses
 /// every line. Panics if ss fails or prints something unparseable.
 pub fn ss_sockets(state_filter: &str) -> Vec<SsSocket> {
-    let out = Command::new("ss")
-        .args(["-tanpeH", "state", state_filter])
+    ss_sockets_via(&[], state_filter)
+}
+
+/// [`ss_sockets`] run through `wrapper` (e.g. `ip netns exec NAME`, to see
+/// another network namespace's sockets; `ss -p` still names host pids,
+/// from the host's /proc).
+pub fn ss_sockets_via(wrapper: &[&str], state_filter: &str) -> Vec<SsSocket> {
+    try_ss_via(wrapper, state_filter).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`ss_sockets_via`], with an error when the command fails (a namespace
+/// whose processes all exited). Panics on output it cannot parse.
+fn try_ss_via(wrapper: &[&str], state_filter: &str) -> Result<Vec<SsSocket>, String> {
+    let args = ["ss", "-tanpeH", "state", state_filter];
+    let mut argv = wrapper.iter().chain(&args);
+    let out = Command::new(argv.next().expect("a program"))
+        .args(argv)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("running ss (iproute2) failed: {e}"));
-    assert!(
-        out.status.success(),
-        "ss -tanpeH state {state_filter} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_ss_output(&String::from_utf8_lossy(&out.stdout), state_filter).unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("running {wrapper:?} ss (iproute2) failed: {e}"));
+    if !out.status.success() {
+        return Err(format!(
+            "{wrapper:?} ss -tanpeH state {state_filter} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(parse_ss_output(&String::from_utf8_lossy(&out.stdout), state_filter).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// [`ss_sockets`] in every network namespace on the host (see
+/// [`crate::netns::other_namespaces`]): what a host-wide tracer sees.
+pub fn ss_sockets_every_netns(state_filter: &str) -> Vec<SsSocket> {
+    let mut all = ss_sockets(state_filter);
+    for (_, file) in crate::netns::other_namespaces() {
+        let net = format!("--net={file}");
+        // A namespace whose last process exited meanwhile has no sockets.
+        if let Ok(socks) = try_ss_via(&["nsenter", &net], state_filter) {
+            all.extend(socks);
+        }
+    }
+    all
 }
 
 /// Polls `ss_sockets(state)` until `pred` holds, returning that snapshot.
@@ -211,10 +242,11 @@ pub fn format_ss(sockets: &[SsSocket]) -> String {
 }
 
 /// Polls `ss` in the background while the tracer runs and remembers every
-/// socket ever seen in the state, by cookie. Used for host-wide checks,
-/// where sockets of other processes (or other tests) may be closed at any
-/// moment: a reported leak that the kernel never showed in CLOSE_WAIT is a
-/// false leak.
+/// socket ever seen in the state, by cookie, in every network namespace
+/// ([`ss_sockets_every_netns`]). Used for host-wide checks, where sockets
+/// of other processes (or other tests, in namespaces of their own) may be
+/// closed at any moment: a reported leak that the kernel never showed in
+/// CLOSE_WAIT is a false leak.
 pub struct SsMonitor {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<BTreeMap<u64, SsSocket>>>,
@@ -229,7 +261,7 @@ impl SsMonitor {
             let mut seen = BTreeMap::new();
             loop {
                 let last = flag.load(Ordering::SeqCst);
-                for s in ss_sockets(&state) {
+                for s in ss_sockets_every_netns(&state) {
                     seen.entry(s.cookie).or_insert(s);
                 }
                 if last {

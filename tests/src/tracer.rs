@@ -26,6 +26,16 @@ pub fn run_tracer(args: &[&str]) -> Tracer {
     }
 }
 
+/// Spawns `tracer daemon ARGS...` (its stdout is JSON lines too: start,
+/// each leak and late close, losses, the summary at SIGTERM).
+pub fn run_daemon(args: &[&str]) -> Tracer {
+    let mut cmd = Command::new(tracer_bin());
+    cmd.arg("daemon").args(args);
+    Tracer {
+        child: Child::spawn(&format!("tracer daemon {}", args.join(" ")), cmd),
+    }
+}
+
 /// A fixture client started with `--wait-stdin-line` (its `CLIENT_ARGS`
 /// and `--count count`), traced by `tracer live --json --pid <it>
 /// TRACER_ARGS...`, and let go once the tracer has started. With `--pid`

@@ -22,6 +22,10 @@ pub enum Command {
     Live(LiveArgs),
     /// Record to a file for later analysis (on this or another machine).
     Record(RecordArgs),
+    /// Run on every host: serve Prometheus metrics (`/metrics`), health
+    /// (`/healthz`) and the current leaks (`/leaks`) over HTTP, and log each
+    /// new leak and late close as a JSON line, until SIGTERM or SIGINT.
+    Daemon(DaemonArgs),
     /// Analyse recordings: the same findings `live` would have printed.
     Report(ReportArgs),
     /// Convert a recording: jsonl, chrome-trace, folded or flamegraph.
@@ -67,6 +71,23 @@ pub struct RecordArgs {
     /// them in order).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub rotate: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+
+    /// Address and port to serve HTTP on, for example 0.0.0.0:9469 (every
+    /// interface) or 127.0.0.1:9469.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: std::net::SocketAddr,
+
+    /// Most label sets per leak metric; the label sets with the fewest
+    /// leaks beyond it are folded into one series with comm="(other)",
+    /// and counted in tracer_leak_series_folded.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_series: u32,
 }
 
 #[derive(Debug, Args)]

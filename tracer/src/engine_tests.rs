@@ -45,6 +45,7 @@ fn connection(pid: u32, t_ms: u64) -> Vec<Input> {
             info: ProcInfo {
                 comm: "client".into(),
                 cmdline: format!("client --id {pid}"),
+                ..ProcInfo::default()
             },
         }),
         Input::Stack(StackInput {

@@ -2,11 +2,14 @@
 //! how many bytes sit unread (sock_diag's receive queue) and which
 //! processes hold the socket now (/proc/PID/fd), after fork or dup.
 //!
-//! One sock_diag dump and one /proc scan per batch of new leaks, never per
-//! event; each holder's name is read once per batch. Runs on a worker
-//! thread: nothing here is tied to the caller's. A leak found without
-//! holders while the kernel refused some processes' fds (a tracer without
-//! CAP_SYS_PTRACE) is warned about, once per run, naming the capability.
+//! One sock_diag dump per network namespace and one /proc scan per batch
+//! of new leaks, never per event; each holder's name is read once per
+//! batch. Socket inodes are host-wide, so the /proc scan finds the holders
+//! of a socket of any namespace. Runs on a worker thread: nothing here is
+//! tied to the caller's. A leak found without holders while the kernel
+//! refused some processes' fds (a tracer without CAP_SYS_PTRACE) is warned
+//! about, once per run, naming the capability; so is a namespace that
+//! could not be entered.
 
 use std::collections::{HashMap, HashSet};
 
@@ -14,7 +17,8 @@ use netlink_packet_sock_diag::inet::StateFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::privileges::{self, Denied};
-use crate::{procs, snapshot};
+use crate::procs;
+use crate::snapshot::{self, netns};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HolderOut {
@@ -30,6 +34,10 @@ pub struct Evidence {
     pub holders: Vec<HolderOut>,
     /// False when sock_diag no longer lists the socket in CLOSE_WAIT.
     pub found: bool,
+    /// The network namespace the socket was found in (its inode, as in
+    /// `net:[INODE]`). None in recordings made before it was read.
+    #[serde(default)]
+    pub netns: Option<u64>,
 }
 
 /// Evidence for each of `cookies` (CLOSE_WAIT sockets).
@@ -38,14 +46,27 @@ pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
     if cookies.is_empty() {
         return out;
     }
-    let sockets = match snapshot::dump_tcp(StateFlags::CLOSE_WAIT) {
-        Ok(s) => s,
+    // Every namespace's CLOSE_WAIT sockets, only the wanted ones kept.
+    let namespaces = netns::enumerate();
+    let mut wanted = Vec::new();
+    let dumped = snapshot::for_each_tcp_in(&namespaces, StateFlags::CLOSE_WAIT, |s| {
+        if cookies.contains(&s.cookie) {
+            wanted.push(s);
+        }
+    });
+    let refused = match dumped {
+        Ok(n) => n,
         Err(e) => {
             log::warn!("cannot read sockets for leak evidence: {e:#}");
             return out;
         }
     };
-    let wanted: Vec<_> = sockets.into_iter().filter(|s| cookies.contains(&s.cookie)).collect();
+    if wanted.len() < cookies.len() && refused == 0 {
+        // Sockets not found in any namespace entered, while some
+        // processes' namespaces could not be told: those may be where
+        // they are. (A namespace refused says so itself.)
+        privileges::denied(Denied::NetnsLinks, namespaces.unreadable);
+    }
     if wanted.is_empty() {
         return out;
     }
@@ -78,6 +99,7 @@ pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
                 unread_now: Some(s.recv_queue.saturating_sub(1)),
                 holders: hs,
                 found: true,
+                netns: Some(s.netns),
             },
         );
     }
@@ -143,6 +165,7 @@ mod tests {
         let e = found.expect("the socket reaches CLOSE_WAIT and is found");
         assert!(e.found);
         assert_eq!(e.unread_now, Some(5));
+        assert_eq!(e.netns, netns::own(), "found in our own namespace");
         let comm = procs::comm(me).expect("our own name");
         let mut holders = e.holders.clone();
         holders.sort_by_key(|h| h.fd);
@@ -157,5 +180,15 @@ mod tests {
             })
             .collect();
         assert_eq!(holders, want);
+    }
+
+    /// Evidence records written before the namespace was read still read.
+    #[test]
+    fn older_evidence_reads_without_a_namespace() {
+        let e: Evidence =
+            serde_json::from_str(r#"{"unread_now":26,"holders":[{"pid":7,"comm":"leaky","fd":3}],"found":true}"#)
+                .expect("reads");
+        assert_eq!(e.netns, None);
+        assert_eq!(e.unread_now, Some(26));
     }
 }

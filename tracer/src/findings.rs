@@ -14,14 +14,24 @@ use crate::{
 };
 
 /// One leaked socket, as shown to users.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct LeakOut {
     pub pid: Option<u32>,
     pub comm: String,
     pub cmdline: String,
+    /// The owner's container: the bare 64-hex id its cgroup names.
+    pub container_id: Option<String>,
+    /// The owner's pid in its own pid namespace, where it differs from
+    /// `pid` (a container's).
+    pub container_pid: Option<u32>,
+    /// The owner's cgroup v2 path.
+    pub cgroup: Option<String>,
     /// `ADDR:PORT`, IPv6 in brackets.
     pub local: String,
     pub remote: String,
+    /// The network namespace the socket was found in (its inode, as in
+    /// `net:[INODE]`), from the evidence.
+    pub netns: Option<u64>,
     pub cookie: u64,
     pub close_wait_ms: u64,
     /// The socket was already in CLOSE_WAIT when tracing started: the time
@@ -93,10 +103,8 @@ impl LeakOut {
             (None, None) => (None, String::new()),
         };
         let fd = holders.iter().find(|h| Some(h.pid) == pid).map(|h| h.fd).or(l.fd);
-        let cmdline = pid
-            .and_then(|p| e.names.get(&p))
-            .map(|i| i.cmdline.clone())
-            .unwrap_or_default();
+        let info = pid.and_then(|p| e.names.get(&p));
+        let cmdline = info.map(|i| i.cmdline.clone()).unwrap_or_default();
         let ep = |f: fn(&Endpoints) -> std::net::SocketAddr| {
             l.endpoints
                 .as_ref()
@@ -109,8 +117,12 @@ impl LeakOut {
             pid,
             comm,
             cmdline,
+            container_id: info.and_then(|i| i.container_id.clone()),
+            container_pid: info.and_then(|i| i.container_pid),
+            cgroup: info.map(|i| i.cgroup.clone()).filter(|c| !c.is_empty()),
             local: ep(|e| e.local),
             remote: ep(|e| e.remote),
+            netns: ev.and_then(|ev| ev.netns),
             cookie: l.cookie,
             close_wait_ms: l.close_wait_ns / 1_000_000,
             close_wait_estimated: l.since.estimated,

@@ -3,6 +3,7 @@
 mod cli;
 mod clock;
 mod correlate;
+mod daemon;
 mod decode;
 mod engine;
 mod evidence;
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            cli::Command::Daemon(a) => daemon::run(a).await,
             cli::Command::Report(a) => replay::report(&a),
             cli::Command::Export(a) => export::export(&a),
         }

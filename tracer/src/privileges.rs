@@ -19,6 +19,11 @@
 //!   is named, in any process, not even the tracer's own user's.
 //! * CAP_SYSLOG, only for `--kernel-stacks`, and only when the kernel hides
 //!   kallsyms' addresses (`kptr_restrict`, `perf_event_paranoid` > 1).
+//! * CAP_SYS_ADMIN, only where sockets live in other network namespaces
+//!   (containers): `setns` into them, for their sockets (start-up
+//!   snapshot) and their leaks' unread bytes, fd and holders. The leaks
+//!   themselves are found without it (the hooks are host-wide). Not in
+//!   [`FULL_SET`]: it is a broad grant, needed only there.
 //!
 //! [`check`] refuses to start without the required ones; [`denied`] warns,
 //! once per kind and in one line, when evidence is actually missing for
@@ -221,9 +226,13 @@ pub enum Denied {
     Maps,
     /// `/proc/PID/map_files`: the binaries native frames are named from.
     MapFiles,
+    /// `/proc/PID/ns/net`: which network namespace a process is in.
+    NetnsLinks,
+    /// `setns` into another network namespace, for its sockets.
+    Setns,
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 7;
 
 impl Denied {
     fn index(self) -> usize {
@@ -237,6 +246,24 @@ impl Denied {
             Denied::Mem => "/proc/PID/mem",
             Denied::Maps => "/proc/PID/maps",
             Denied::MapFiles => "/proc/PID/map_files",
+            Denied::NetnsLinks => "/proc/PID/ns/net",
+            Denied::Setns => "/proc/PID/ns/net (setns)",
+        }
+    }
+
+    /// What was refused, of how many: processes, or for `setns`,
+    /// namespaces.
+    fn subject(self, n: usize) -> String {
+        let plural = |one: &str, many: &str| {
+            if n == 1 {
+                format!("1 {one}")
+            } else {
+                format!("{n} {many}")
+            }
+        };
+        match self {
+            Denied::Setns => format!("cannot enter {}", plural("network namespace", "network namespaces")),
+            _ => format!("cannot read {} of {}", self.path(), plural("process", "processes")),
         }
     }
 
@@ -249,6 +276,14 @@ impl Denied {
             Denied::MapFiles => {
                 "their native frames are named from the paths in /proc/PID/maps instead (wrong for a binary replaced on disk since it started)"
             }
+            Denied::NetnsLinks => {
+                "if their network namespaces are not the tracer's, the sockets there may be missing from the \
+                 start-up snapshot, and leaks there come without unread bytes, fd or holders"
+            }
+            Denied::Setns => {
+                "their sockets are missing from the start-up snapshot, and leaks in them come without unread bytes, \
+                 fd or holders"
+            }
         }
     }
 
@@ -259,9 +294,11 @@ impl Denied {
         const DAC: &[Cap] = &[CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE];
         const PTRACE: &[Cap] = &[CAP_SYS_PTRACE];
         const CHECKPOINT: &[Cap] = &[CAP_CHECKPOINT_RESTORE, CAP_SYS_ADMIN];
+        const ADMIN: &[Cap] = &[CAP_SYS_ADMIN];
         match self {
             Denied::Fds | Denied::Mem => (&[], &[PTRACE, DAC]),
-            Denied::Names | Denied::Maps => (&[], &[PTRACE]),
+            Denied::Names | Denied::Maps | Denied::NetnsLinks => (&[], &[PTRACE]),
+            Denied::Setns => (&[ADMIN], &[]),
             Denied::MapFiles => (&[CHECKPOINT], &[PTRACE, DAC]),
         }
     }
@@ -271,7 +308,8 @@ static DENIED: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
 static WARNED: [AtomicBool; KINDS] = [const { AtomicBool::new(false) }; KINDS];
 
 /// Counts `processes` whose `kind` of /proc entry the kernel refused
-/// (EACCES/EPERM, not a process that exited), and warns the first time, in
+/// (EACCES/EPERM, not a process that exited), or for [`Denied::Setns`]
+/// the network namespaces it refused to enter, and warns the first time, in
 /// one line naming the capability to grant and what is missing. Callable
 /// from any thread.
 pub fn denied(kind: Denied, processes: usize) {
@@ -291,11 +329,6 @@ pub fn warned(kind: Denied) -> bool {
 }
 
 fn denied_line(kind: Denied, processes: usize, caps: Option<Caps>) -> String {
-    let what = if processes == 1 {
-        "1 process".to_string()
-    } else {
-        format!("{processes} processes")
-    };
     let (always, others) = kind.needs();
     let names = |needs: &[&[Cap]], only_missing: bool| -> String {
         let v: Vec<&str> = needs
@@ -325,9 +358,8 @@ fn denied_line(kind: Denied, processes: usize, caps: Option<Caps>) -> String {
             .to_string(),
     };
     format!(
-        "cannot read {} of {what} (permission denied): {}; {fix} (see README, Requirements); \
-         further refusals are not reported",
-        kind.path(),
+        "{} (permission denied): {}; {fix} (see README, Requirements); further refusals are not reported",
+        kind.subject(processes),
         kind.lost()
     )
 }
@@ -339,139 +371,5 @@ pub fn is_denied(e: &procfs::ProcError) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn caps(list: &[Cap]) -> Caps {
-        Caps(list.iter().fold(0, |m, c| m | 1 << c.0))
-    }
-
-    #[test]
-    fn parses_cap_eff() {
-        let status = "Name:\ttracer\nCapInh:\t0000000000000000\nCapEff:\t000001fffeffffff\nCapBnd:\t0\n";
-        let c = parse_cap_eff(status).expect("CapEff");
-        assert!(c.has(CAP_BPF) && c.has(CAP_PERFMON) && c.has(CAP_CHECKPOINT_RESTORE));
-        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
-        assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
-    }
-
-    #[test]
-    fn refuses_without_bpf_or_perfmon_naming_the_set() {
-        let e = assess(caps(&[CAP_PERFMON, CAP_SYS_PTRACE]), false).unwrap_err();
-        assert_eq!(
-            e,
-            "tracer needs CAP_BPF and CAP_PERFMON to load its eBPF programs and lacks CAP_BPF: run it as root, \
-             or grant CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH,CAP_CHECKPOINT_RESTORE \
-             (see README, Requirements)"
-        );
-        let e = assess(caps(&[]), false).unwrap_err();
-        assert!(e.contains("lacks CAP_BPF and CAP_PERFMON:"), "{e}");
-        assert!(!e.contains('\n'));
-        let e = assess(caps(&[CAP_BPF]), false).unwrap_err();
-        assert!(e.contains("lacks CAP_PERFMON:"), "{e}");
-    }
-
-    #[test]
-    fn sys_admin_stands_for_bpf_perfmon_and_checkpoint_restore() {
-        let m = assess(caps(&[CAP_SYS_ADMIN]), false).expect("accepted");
-        assert_eq!(m.0, vec![Optional::DacReadSearch, Optional::SysPtrace]);
-    }
-
-    #[test]
-    fn the_full_set_misses_nothing() {
-        let full = caps(&[
-            CAP_BPF,
-            CAP_PERFMON,
-            CAP_SYS_PTRACE,
-            CAP_DAC_READ_SEARCH,
-            CAP_CHECKPOINT_RESTORE,
-        ]);
-        assert_eq!(assess(full, false), Ok(Missing::default()));
-        // CAP_SYSLOG only matters where kallsyms hides addresses.
-        assert_eq!(assess(full, true), Ok(Missing(vec![Optional::Syslog])));
-        let names: Vec<&str> = FULL_SET.split(',').collect();
-        for c in [
-            CAP_BPF,
-            CAP_PERFMON,
-            CAP_SYS_PTRACE,
-            CAP_DAC_READ_SEARCH,
-            CAP_CHECKPOINT_RESTORE,
-        ] {
-            assert!(names.contains(&c.1), "{} not in FULL_SET", c.1);
-        }
-    }
-
-    #[test]
-    fn optional_ones_are_listed_with_their_cost() {
-        let m = assess(caps(&[CAP_BPF, CAP_PERFMON, CAP_DAC_OVERRIDE]), true).expect("accepted");
-        assert_eq!(
-            m.0,
-            vec![Optional::SysPtrace, Optional::CheckpointRestore, Optional::Syslog]
-        );
-        let line = m.to_string();
-        assert!(
-            line.starts_with("without CAP_SYS_PTRACE: loses other users' holders"),
-            "{line}"
-        );
-        assert!(!line.contains('\n'));
-    }
-
-    #[test]
-    fn denied_line_names_only_what_is_missing() {
-        let line = denied_line(Denied::Fds, 3, Some(caps(&[CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH])));
-        assert_eq!(
-            line,
-            "cannot read /proc/PID/fd of 3 processes (permission denied): leaks of sockets they hold come \
-             without holders or the owner's fd; grant CAP_SYS_PTRACE (see README, Requirements); further \
-             refusals are not reported"
-        );
-        let line = denied_line(Denied::Mem, 1, Some(caps(&[CAP_BPF, CAP_PERFMON])));
-        assert!(
-            line.contains("/proc/PID/mem of 1 process ")
-                && line.contains("grant CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"),
-            "{line}"
-        );
-        let line = denied_line(Denied::MapFiles, 1, Some(caps(&[CAP_SYS_PTRACE, CAP_DAC_OVERRIDE])));
-        assert!(line.contains("; grant CAP_CHECKPOINT_RESTORE (see README"), "{line}");
-        // Own processes need CAP_CHECKPOINT_RESTORE alone.
-        let line = denied_line(Denied::MapFiles, 1, Some(caps(&[CAP_BPF, CAP_PERFMON])));
-        assert!(
-            line.contains(
-                "; grant CAP_CHECKPOINT_RESTORE (and, for other users' processes, CAP_SYS_PTRACE and \
-                 CAP_DAC_READ_SEARCH) (see README"
-            ),
-            "{line}"
-        );
-        let line = denied_line(Denied::MapFiles, 1, Some(caps(&[CAP_SYS_ADMIN])));
-        assert!(
-            line.contains("; grant CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (see README"),
-            "{line}"
-        );
-        let line = denied_line(Denied::Fds, 2, Some(caps(&[CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH])));
-        assert!(
-            line.contains("hidepid, a security module or a user namespace"),
-            "{line}"
-        );
-        let line = denied_line(Denied::Names, 2, None);
-        assert!(
-            line.contains("; run tracer as root, or grant CAP_SYS_PTRACE (see README"),
-            "{line}"
-        );
-        let line = denied_line(Denied::MapFiles, 2, None);
-        assert!(
-            line.contains("or grant CAP_CHECKPOINT_RESTORE, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (see"),
-            "{line}"
-        );
-    }
-
-    #[test]
-    fn denied_warns_once_and_counts_every_refusal() {
-        assert!(!warned(Denied::Maps));
-        denied(Denied::Maps, 0);
-        assert!(!warned(Denied::Maps), "nothing refused, nothing to warn about");
-        denied(Denied::Maps, 2);
-        assert!(warned(Denied::Maps));
-        denied(Denied::Maps, 1);
-        assert_eq!(DENIED[Denied::Maps.index()].load(Ordering::Relaxed), 3);
-    }
-}
+#[path = "privileges_tests.rs"]
+mod tests;

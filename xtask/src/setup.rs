@@ -130,18 +130,23 @@ pub fn run() -> Result<Prepared> {
 /// System packages from apt. Checked together so that a non-root user gets
 /// one command covering everything that needs root.
 fn ensure_apt_packages(path: &mut SearchPath) -> Result<()> {
-    let apt: [(&str, CheckFn); 3] = [
-        (LLVM_PACKAGE, check_llvm),
-        ("iproute2", check_ss),
-        (JDK_PACKAGE, check_jdk),
+    // Each package with the extra `apt-get install` arguments it needs.
+    let apt: [(&str, &[&str], CheckFn); 5] = [
+        (LLVM_PACKAGE, &[], check_llvm),
+        ("iproute2", &[], check_ss),
+        (JDK_PACKAGE, &[], check_jdk),
+        // Not its recommended prometheus-node-exporter: a second exporter,
+        // started as a service where systemd runs, that no test uses.
+        ("prometheus", &["--no-install-recommends"], check_prometheus),
+        ("systemd", &[], check_systemd_analyze),
     ];
     let mut missing = Vec::new();
-    for (package, check) in apt {
+    for (package, extra, check) in apt {
         match check(path) {
             Check::Ok(detail) => ok(package, &detail),
             Check::Missing(why) => {
                 eprintln!("missing {package}: {why}");
-                missing.push((package, check));
+                missing.push((package, extra, check));
             }
         }
     }
@@ -149,7 +154,7 @@ fn ensure_apt_packages(path: &mut SearchPath) -> Result<()> {
         return Ok(());
     }
     if !util::is_root() {
-        let list = missing.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ");
+        let list = missing.iter().map(|(p, ..)| *p).collect::<Vec<_>>().join(" ");
         bail!(
             "setup needs root to install {list}; run `sudo apt-get update && sudo apt-get install -y {list}`, then rerun `cargo xtask setup`"
         );
@@ -157,8 +162,9 @@ fn ensure_apt_packages(path: &mut SearchPath) -> Result<()> {
     // Only refresh the package index when something is actually installed:
     // it is slow and needs the network.
     run_step("update apt package index", &mut apt_get(&["update"]))?;
-    for (package, check) in missing {
-        let mut cmd = apt_get(&["install", "-y", package]);
+    for (package, extra, check) in missing {
+        let mut cmd = apt_get(&["install", "-y"]);
+        cmd.args(extra).arg(package);
         eprintln!("installing {package}: {}", util::display(&cmd));
         run_step_quietly(&format!("install {package}"), &mut cmd)?;
         match check(path) {
@@ -283,6 +289,55 @@ fn check_ss(path: &mut SearchPath) -> Check {
     Check::Ok(match version {
         Some(v) => format!("{v}, {}", ss.display()),
         None => ss.display().to_string(),
+    })
+}
+
+/// The deployment tests (tests/tests/deploy.rs) check the alert rules
+/// with `promtool check rules` and `promtool test rules`, and the daemon's
+/// tests scrape it with a real `prometheus` server: Debian's package
+/// ships both.
+fn check_prometheus(path: &mut SearchPath) -> Check {
+    let Some(promtool) = find_on_path("promtool").or_else(|| find_in("promtool", [PathBuf::from("/usr/bin")])) else {
+        return Check::Missing("`promtool` not found".into());
+    };
+    let Some(prometheus) = find_on_path("prometheus").or_else(|| find_in("prometheus", [PathBuf::from("/usr/bin")]))
+    else {
+        return Check::Missing("`prometheus` not found".into());
+    };
+    for bin in [&promtool, &prometheus] {
+        if let Some(dir) = bin.parent() {
+            path.append(dir);
+        }
+    }
+    // "promtool, version 2.42.0+ds (branch: ..., revision: ...)".
+    let version = probe(Command::new(&promtool).arg("--version")).and_then(|v| promtool_version(&v));
+    Check::Ok(match version {
+        Some(v) => format!("{v}, {}, {}", promtool.display(), prometheus.display()),
+        None => format!("{}, {}", promtool.display(), prometheus.display()),
+    })
+}
+
+/// The version in `promtool --version` output.
+fn promtool_version(text: &str) -> Option<String> {
+    let rest = text.lines().next()?.split_once("version ")?.1;
+    rest.split_whitespace().next().map(str::to_owned)
+}
+
+/// The deployment tests check deploy/tracer.service with `systemd-analyze
+/// verify`. A machine that boots systemd has it; a container image may not.
+fn check_systemd_analyze(path: &mut SearchPath) -> Check {
+    let dirs = ["/usr/bin", "/bin"].map(PathBuf::from);
+    let Some(analyze) = find_on_path("systemd-analyze").or_else(|| find_in("systemd-analyze", dirs)) else {
+        return Check::Missing("`systemd-analyze` not found".into());
+    };
+    if let Some(dir) = analyze.parent() {
+        path.append(dir);
+    }
+    // "systemd 252 (252.38-1~deb12u1)".
+    let version = probe(Command::new(&analyze).arg("--version")).and_then(|v| v.lines().next().map(str::to_owned));
+    Check::Ok(match version {
+        Some(v) => format!("{v}, {}", analyze.display()),
+        None => analyze.display().to_string(),
     })
 }
 
@@ -433,6 +488,18 @@ fn installed_features(bin: &Path) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn promtool_versions() {
+        assert_eq!(
+            promtool_version(
+                "promtool, version 2.42.0+ds (branch: debian/sid, revision: 2.42.0+ds-5+b5)\n  build user: x"
+            )
+            .as_deref(),
+            Some("2.42.0+ds")
+        );
+        assert_eq!(promtool_version("promtool"), None);
+    }
 
     #[test]
     fn javac_versions() {

@@ -57,6 +57,8 @@ const FULL_RING_BYTES: u32 = 8 << 20;
 /// stayed in CLOSE_WAIT. Its pages are all resident in the agent (mapped
 /// twice), so its size is a third of the agent's memory on an idle host.
 const FOLLOW_RING_BYTES: u32 = 4 << 20;
+/// Most time between two updates of the daemon's health figures.
+const DAEMON_STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// Where findings go: stdout (`live`), or a file (`record`).
 pub enum Output {
@@ -69,6 +71,11 @@ pub enum Output {
         max_size: Option<u64>,
         /// `--rotate N`: the recording goes on in N files in turn.
         rotate: Option<u32>,
+    },
+    /// `tracer daemon`: findings on a board the HTTP server reads, each
+    /// new leak and late close also a JSON line on stdout.
+    Daemon {
+        board: sink::metrics::SharedBoard,
     },
 }
 
@@ -100,12 +107,12 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         Output::Record { path, max_size, rotate } => {
             Some(Recorder::create(path, &header(&args, wall, *max_size), *rotate)?)
         }
-        Output::Live { .. } => None,
+        Output::Live { .. } | Output::Daemon { .. } => None,
     };
     // Every event is sent only where every event is wanted: `--events`
     // prints them, a recording keeps them. Otherwise sockets are followed
     // in the kernel, and only those that stay in CLOSE_WAIT are read.
-    let follow = (matches!(output, Output::Live { events: false, .. }) && !args.every_event)
+    let follow = (matches!(output, Output::Live { events: false, .. } | Output::Daemon { .. }) && !args.every_event)
         .then(|| follow::promote_after(leak_after_ns));
     let ring_bytes = args.ring_bytes.unwrap_or(if follow.is_some() {
         FOLLOW_RING_BYTES
@@ -135,6 +142,10 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         }
         // Recording shows progress, not findings (`tracer report` does).
         Output::Record { .. } => Box::new(sink::NullSink),
+        Output::Daemon { board } => Box::new(sink::metrics::MetricsSink::new(
+            board.clone(),
+            io::LineWriter::new(io::stdout()),
+        )),
     };
     let mut s = Session::new(
         Engine::new(
@@ -193,6 +204,8 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let progress_every = match output {
         Output::Record { .. } if io::stderr().is_terminal() => Duration::from_secs(1),
+        // The board's health figures are a scrape's: keep them fresh.
+        Output::Daemon { .. } => args.status_interval.min(DAEMON_STATUS_EVERY),
         _ => args.status_interval,
     };
     let mut status_tick = interval(progress_every);

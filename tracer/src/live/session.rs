@@ -295,7 +295,7 @@ impl Session {
         st.stacks_held = Some(held);
         st.stacks_cap = Some(cap);
         match output {
-            Output::Live { .. } => self.sink.status(&st)?,
+            Output::Live { .. } | Output::Daemon { .. } => self.sink.status(&st)?,
             Output::Record { .. } => {
                 let written = self.recorder.as_ref().map_or(0, |r| r.written);
                 let line = format!(

@@ -11,7 +11,7 @@ use crate::{
     decode::Event,
     evidence::{Evidence, HolderOut},
     input::{Input, ProcessInput, StackInput, StackKey},
-    procs::ProcInfo,
+    procs::{container, ProcInfo},
     stacks::{Frame, FrameKind},
 };
 
@@ -164,15 +164,34 @@ pub(super) fn fd_event(kind: EventKind, t_ms: u64, t: Task, c: &Conn, fd: i32, u
     })
 }
 
+/// A process whose cgroup is unknown (as an older recording has it).
 pub(super) fn process(t: Task, cmdline: &str) -> Input {
+    process_in(t, cmdline, "", None)
+}
+
+/// A process in `cgroup`: a container's when the cgroup is a runtime's,
+/// where it is `container_pid`.
+pub(super) fn process_in(t: Task, cmdline: &str, cgroup: &str, container_pid: Option<u32>) -> Input {
     Input::Process(ProcessInput {
         pid: t.pid,
         info: ProcInfo {
             comm: t.comm.into(),
             cmdline: cmdline.into(),
+            cgroup: cgroup.into(),
+            container_id: container::id_from_cgroup(cgroup),
+            container_pid,
         },
     })
 }
+
+/// The network namespace the agent runs in (the host's).
+pub(super) const HOST_NETNS: u64 = 4_026_531_833;
+/// SERVER's container's.
+pub(super) const CONTAINER_NETNS: u64 = 4_026_532_301;
+/// SERVER's container (containerd under Kubernetes), where it is pid 7.
+pub(super) const SERVER_CGROUP: &str = "/kubepods.slice/kubepods-burstable.slice/\
+    kubepods-burstable-pod7c1e7e2a_54d2_4b9e_9f0e_0d6b7c2a9e11.slice/\
+    cri-containerd-3f2a1b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7a8.scope";
 
 pub(super) fn stack(pid: u32, id: i32, frames: Result<Vec<Frame>, &str>, truncated: Option<&str>) -> Input {
     Input::Stack(StackInput {
@@ -220,13 +239,14 @@ pub(super) fn holder(t: Task, fd: i32) -> HolderOut {
     }
 }
 
-pub(super) fn evidence(c: &Conn, unread: u32, holders: Vec<HolderOut>) -> (u64, Evidence) {
+pub(super) fn evidence(c: &Conn, unread: u32, holders: Vec<HolderOut>, netns: u64) -> (u64, Evidence) {
     (
         c.cookie,
         Evidence {
             unread_now: Some(unread),
             holders,
             found: true,
+            netns: Some(netns),
         },
     )
 }
@@ -345,7 +365,12 @@ pub(super) fn java_open_stack() -> Input {
 
 pub(super) fn java_connect() -> Vec<Input> {
     vec![
-        process(JAVA, "java -cp tests/java MetaClient http://127.0.0.1:37703/"),
+        process_in(
+            JAVA,
+            "java -cp tests/java MetaClient http://127.0.0.1:37703/",
+            "/system.slice/metaclient.service",
+            None,
+        ),
         java_open_stack(),
         state(30, JAVA, &B, tcp::CLOSE, tcp::SYN_SENT, 0, (JAVA_OPEN, NO_STACK)),
         state(

@@ -29,7 +29,7 @@ use super::golden_fixtures::*;
 
 /// `tracer live --json --events --kernel-stacks`, host-wide, one optional
 /// hook missing: every line type but a recording's.
-fn live_steps() -> Vec<Step> {
+pub(super) fn live_steps() -> Vec<Step> {
     let mut v = vec![
         process(DAEMON, "/usr/sbin/old-daemon --foreground"),
         Input::Snapshot(SnapshotInput {
@@ -45,7 +45,12 @@ fn live_steps() -> Vec<Step> {
                 last_ack_age_ns: Some(30_000 * MS),
             }],
         }),
-        process(LEAKY, "./leaky http://127.0.0.1:18181/"),
+        process_in(
+            LEAKY,
+            "./leaky http://127.0.0.1:18181/",
+            "/user.slice/user-1000.slice/session-3.scope",
+            None,
+        ),
         leaky_open_stack(),
         stack(
             0,
@@ -96,7 +101,7 @@ fn live_steps() -> Vec<Step> {
     ]);
     v.extend(java_connect());
     v.extend([
-        process(SERVER, "/usr/bin/server --port 8080"),
+        process_in(SERVER, "/usr/bin/server --port 8080", SERVER_CGROUP, Some(7)),
         state(
             40,
             SOFTIRQ,
@@ -175,10 +180,10 @@ fn live_steps() -> Vec<Step> {
         Input::Evidence(EvidenceInput {
             ns: T0 + 1200 * MS,
             items: vec![
-                evidence(&A, 26, vec![holder(LEAKY, 3), holder(LEAKY_SIBLING, 3)]),
-                evidence(&A2, 26, vec![holder(LEAKY, 4)]),
-                evidence(&C, 0, vec![holder(SERVER, 9)]),
-                evidence(&D, 0, vec![holder(DAEMON, 5)]),
+                evidence(&A, 26, vec![holder(LEAKY, 3), holder(LEAKY_SIBLING, 3)], HOST_NETNS),
+                evidence(&A2, 26, vec![holder(LEAKY, 4)], HOST_NETNS),
+                evidence(&C, 0, vec![holder(SERVER, 9)], CONTAINER_NETNS),
+                evidence(&D, 0, vec![holder(DAEMON, 5)], HOST_NETNS),
             ],
         }),
         // Every CLOSE_WAIT socket is due by now.
@@ -238,12 +243,25 @@ fn run(
     recording: Option<RecordingInfo>,
 ) -> String {
     let mut sink = JsonSink::new(Vec::new());
+    run_with(&mut sink, start, events, steps, reason, recording);
+    String::from_utf8(sink.into_inner()).expect("JSON is UTF-8")
+}
+
+/// [`run`] into any sink.
+pub(super) fn run_with(
+    sink: &mut dyn Sink,
+    start: &Start,
+    events: bool,
+    steps: Vec<Step>,
+    reason: &'static str,
+    recording: Option<RecordingInfo>,
+) {
     let corr = Correlator::new(LEAK_AFTER_MS * MS, start.filter_pid, 1000);
     let mut engine = Engine::new(corr, wall(), events);
     sink.start(start).unwrap();
     for step in steps {
         match step {
-            Step::Feed(input) => engine.feed(&input, &mut sink).unwrap(),
+            Step::Feed(input) => engine.feed(&input, sink).unwrap(),
             Step::Status => {
                 // As `live` fills in what only its stack symbolizer knows.
                 let mut st = engine.status(0);
@@ -253,17 +271,21 @@ fn run(
             }
         }
     }
-    let mut summary = engine.summary(reason, 0, &mut sink).unwrap();
+    let mut summary = engine.summary(reason, 0, sink).unwrap();
     // As the live agent sets it (a report has none).
     if recording.is_none() {
         summary.stats.delivered = Some(summary.stats.agent.events);
     }
     summary.recording = recording;
     sink.summary(&summary).unwrap();
-    String::from_utf8(sink.into_inner()).expect("JSON is UTF-8")
 }
 
 fn live_session() -> String {
+    run(&live_start(), true, live_steps(), "duration", None)
+}
+
+/// `live`'s start: host-wide, one optional hook missing.
+pub(super) fn live_start() -> Start {
     let hooks = HOOKS
         .iter()
         .map(|h| {
@@ -276,13 +298,12 @@ fn live_session() -> String {
             }
         })
         .collect();
-    let start = Start {
+    Start {
         hooks,
         filter_pid: None,
         leak_after_ms: LEAK_AFTER_MS,
         preexisting_sockets: 1,
-    };
-    run(&start, true, live_steps(), "duration", None)
+    }
 }
 
 /// `tracer report --json --pid 300` of a recording with a damaged record:

@@ -8,6 +8,7 @@ mod golden_tests;
 mod json;
 #[cfg(test)]
 mod json_docs_tests;
+pub mod metrics;
 mod text;
 
 use std::io;

@@ -4,6 +4,8 @@
 use std::io::{self, Write};
 
 use super::{EventOut, LeakOut, Loss, Sink, Start, Status, Summary};
+use crate::procs::container::short_id;
+use crate::snapshot::netns;
 use crate::stacks::{Frame, FrameKind};
 
 pub struct TextSink<W: Write, E: Write> {
@@ -13,6 +15,10 @@ pub struct TextSink<W: Write, E: Write> {
     /// the same place says so instead of printing the stack again (a
     /// JVM's stacks run to 30 frames, and a leaking call site leaks often).
     last_stack: Option<(Option<u32>, Vec<Frame>)>,
+    /// This process's network namespace: a leak's is shown only when it
+    /// is another (a container's). A `report` compares with its own, the
+    /// host's when it runs on the host the recording was made on.
+    own_netns: Option<u64>,
 }
 
 impl<W: Write, E: Write> TextSink<W, E> {
@@ -21,7 +27,15 @@ impl<W: Write, E: Write> TextSink<W, E> {
             out,
             err,
             last_stack: None,
+            own_netns: netns::own(),
         }
+    }
+
+    /// As if running in network namespace `inode`.
+    #[cfg(test)]
+    pub fn in_netns(mut self, inode: u64) -> Self {
+        self.own_netns = Some(inode);
+        self
     }
 }
 
@@ -29,14 +43,32 @@ fn secs(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
 }
 
+/// The owner, its container (short id, as `docker ps` shows it) and its
+/// pid there.
 fn who(l: &LeakOut) -> String {
-    match l.pid {
-        Some(pid) => format!("pid {pid} ({})", l.comm),
-        None => "owner unknown".into(),
+    let Some(pid) = l.pid else {
+        return "owner unknown".into();
+    };
+    let mut s = format!("pid {pid} ({})", l.comm);
+    match (&l.container_id, l.container_pid) {
+        (Some(id), Some(inner)) => s.push_str(&format!(" in container {} as pid {inner}", short_id(id))),
+        (Some(id), None) => s.push_str(&format!(" in container {}", short_id(id))),
+        (None, Some(inner)) => s.push_str(&format!(" (pid {inner} in its pid namespace)")),
+        (None, None) => {}
+    }
+    s
+}
+
+/// `LOCAL -> REMOTE`, and the network namespace they are addresses in when
+/// it is not this process's.
+fn endpoints(l: &LeakOut, own_netns: Option<u64>) -> String {
+    match l.netns.filter(|&n| Some(n) != own_netns) {
+        Some(n) => format!("{} -> {} (netns {n})", l.local, l.remote),
+        None => format!("{} -> {}", l.local, l.remote),
     }
 }
 
-fn describe(l: &LeakOut) -> String {
+fn describe(l: &LeakOut, own_netns: Option<u64>) -> String {
     let fd = l.fd.map(|fd| format!(" fd {fd}")).unwrap_or_default();
     let unread = match l.unread_bytes {
         Some(0) => "  all data read".to_string(),
@@ -49,10 +81,9 @@ fn describe(l: &LeakOut) -> String {
         ""
     };
     let mut s = format!(
-        "{}{fd}  {} -> {}  in CLOSE_WAIT {}{est}{unread}  cookie {}",
+        "{}{fd}  {}  in CLOSE_WAIT {}{est}{unread}  cookie {}",
         who(l),
-        l.local,
-        l.remote,
+        endpoints(l, own_netns),
         secs(l.close_wait_ms),
         l.cookie
     );
@@ -206,7 +237,7 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
     }
 
     fn leak(&mut self, l: &LeakOut) -> io::Result<()> {
-        writeln!(self.out, "LEAK  {}", describe(l))?;
+        writeln!(self.out, "LEAK  {}", describe(l, self.own_netns))?;
         let user: Vec<Frame> = l.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
         let here = (l.pid, l.open_stack.clone());
         if !user.is_empty() && self.last_stack.as_ref() == Some(&here) {
@@ -230,10 +261,9 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let how = if aborted { "aborted (RST)" } else { "closed" };
         writeln!(
             self.out,
-            "LATE  {}  {} -> {} {how} {} after it was reported  cookie {}",
+            "LATE  {}  {} {how} {} after it was reported  cookie {}",
             who(l),
-            l.local,
-            l.remote,
+            endpoints(l, self.own_netns),
             secs(closed_after_ms),
             l.cookie
         )
@@ -286,7 +316,7 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             }
             writeln!(o, "details:")?;
             for l in &s.leaks {
-                writeln!(o, "  {}", describe(l))?;
+                writeln!(o, "  {}", describe(l, self.own_netns))?;
                 if !l.cmdline.is_empty() {
                     writeln!(o, "      cmdline: {}", l.cmdline)?;
                 }
@@ -334,5 +364,108 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()?;
         self.err.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::golden_fixtures::{CONTAINER_NETNS, HOST_NETNS};
+    use super::super::golden_tests::{live_start, live_steps, run_with};
+    use super::*;
+
+    /// The golden `live` session as text, by a tracer in `own_netns`.
+    fn live_text(own_netns: u64) -> String {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut sink = TextSink::new(&mut out, &mut err).in_netns(own_netns);
+        run_with(&mut sink, &live_start(), false, live_steps(), "duration", None);
+        drop(sink);
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    fn line<'a>(text: &'a str, start: &str, cookie: u64) -> &'a str {
+        let end = format!("cookie {cookie}");
+        text.lines()
+            .find(|l| l.starts_with(start) && (l.ends_with(&end) || l.contains(&format!("{end}  "))))
+            .unwrap_or_else(|| panic!("no {start:?} line for {end}:\n{text}"))
+    }
+
+    #[test]
+    fn a_container_s_leak_names_it_and_its_namespace() {
+        let text = live_text(HOST_NETNS);
+        // SERVER runs in a container, pid 7 there, in its own namespace.
+        assert_eq!(
+            line(&text, "LEAK ", 4104),
+            "LEAK  pid 200 (server) in container 3f2a1b4c5d6e as pid 7 fd 9  10.0.0.5:8080 -> 10.0.0.8:40112 \
+             (netns 4026532301)  in CLOSE_WAIT 1.1s  all data read  cookie 4104"
+        );
+        assert!(
+            line(&text, "LATE ", 4104).starts_with(
+                "LATE  pid 200 (server) in container 3f2a1b4c5d6e as pid 7  10.0.0.5:8080 -> 10.0.0.8:40112 \
+                 (netns 4026532301) closed"
+            ),
+            "{text}"
+        );
+        // LEAKY is the host's, in the tracer's namespace: neither is shown.
+        assert!(
+            line(&text, "LEAK ", 4101)
+                .starts_with("LEAK  pid 100 (leaky) fd 3  127.0.0.1:42698 -> 127.0.0.1:18181  in"),
+            "{text}"
+        );
+        assert!(!text.contains(&format!("netns {HOST_NETNS}")), "{text}");
+    }
+
+    #[test]
+    fn another_namespace_is_shown_from_the_tracer_s_own() {
+        // A tracer inside the container's namespace: the host's is the other.
+        let text = live_text(CONTAINER_NETNS);
+        assert!(
+            line(&text, "LEAK ", 4101).contains("127.0.0.1:18181 (netns 4026531833)  in CLOSE_WAIT"),
+            "{text}"
+        );
+        assert!(!text.contains(&format!("netns {CONTAINER_NETNS}")), "{text}");
+    }
+
+    #[test]
+    fn a_pid_namespace_without_a_container_is_said_too() {
+        let l = LeakOut {
+            container_pid: Some(1),
+            ..leak()
+        };
+        assert_eq!(who(&l), "pid 4242 (tcp-fixture) (pid 1 in its pid namespace)");
+        let l = LeakOut {
+            container_id: Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into()),
+            ..leak()
+        };
+        assert_eq!(who(&l), "pid 4242 (tcp-fixture) in container 0123456789ab");
+        assert_eq!(who(&LeakOut { pid: None, ..l }), "owner unknown");
+    }
+
+    fn leak() -> LeakOut {
+        LeakOut {
+            pid: Some(4242),
+            comm: "tcp-fixture".into(),
+            cmdline: String::new(),
+            container_id: None,
+            container_pid: None,
+            cgroup: None,
+            local: "127.0.0.1:1".into(),
+            remote: "127.0.0.1:2".into(),
+            netns: None,
+            cookie: 1,
+            close_wait_ms: 0,
+            close_wait_estimated: false,
+            fd: None,
+            owner_source: None,
+            unread_bytes: None,
+            unread_bytes_at_fin: None,
+            holders: Vec::new(),
+            open_stack: Vec::new(),
+            open_stack_error: None,
+            open_stack_truncated: None,
+            close_stack: None,
+            close_stack_error: None,
+            close_stack_truncated: None,
+            fd_closed_by: None,
+        }
     }
 }

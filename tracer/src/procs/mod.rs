@@ -11,6 +11,8 @@ use std::collections::HashMap;
 
 use procfs::process::{FDTarget, Process};
 
+pub mod container;
+
 use crate::correlate::Comm;
 use crate::privileges::{self, Denied};
 
@@ -105,17 +107,61 @@ fn is_kernel_thread(p: &Process) -> bool {
     p.stat().is_ok_and(|s| s.flags & PF_KTHREAD != 0)
 }
 
+/// Whether `pid` is a kernel thread (false when it is gone or refused).
+pub fn is_kernel_thread_pid(pid: u32) -> bool {
+    Process::new(pid as i32).is_ok_and(|p| is_kernel_thread(&p))
+}
+
+/// What a process is: its name, and where it runs. Kept in recordings:
+/// fields added later default when an older recording lacks them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcInfo {
     pub comm: String,
     pub cmdline: String,
+    /// Its cgroup v2 path (the `0::` line of `/proc/PID/cgroup`); empty
+    /// when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cgroup: String,
+    /// The bare 64-hex id of its container, when `cgroup` is a container
+    /// runtime's ([`container::id_from_cgroup`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Its pid in its own pid namespace (the last of `NSpid:` in
+    /// `/proc/PID/status`), when that differs from the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_pid: Option<u32>,
 }
 
 pub fn info(pid: u32) -> Option<ProcInfo> {
     let p = open(pid)?;
     let comm = comm_of_process(&p).unwrap_or_default();
     let cmdline = p.cmdline().map(|v| v.join(" ")).unwrap_or_default();
-    Some(ProcInfo { comm, cmdline })
+    // Neither file needs a privilege; a process gone meanwhile has none.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|c| container::cgroup_v2_path(&c).map(str::to_string))
+        .unwrap_or_default();
+    let container_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| innermost_pid(&s))
+        .filter(|&p| p != pid);
+    Some(ProcInfo {
+        comm,
+        cmdline,
+        container_id: container::id_from_cgroup(&cgroup),
+        cgroup,
+        container_pid,
+    })
+}
+
+/// The process's pid in the innermost pid namespace it is in: the last
+/// value of `NSpid:` in `/proc/PID/status`.
+fn innermost_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last())
+        .and_then(|p| p.parse().ok())
 }
 
 /// The process's name (`comm`), None when it is gone or refused.
@@ -205,6 +251,43 @@ mod tests {
         assert!(!info.comm.is_empty() && !info.cmdline.is_empty(), "{info:?}");
         assert_eq!(names.learn(me), None, "asked for already");
         assert_eq!(names.learn(0), None);
+    }
+
+    #[test]
+    fn our_own_info_has_our_cgroup_and_no_other_pid() {
+        let me = std::process::id();
+        let info = info(me).expect("this process is alive");
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").expect("our cgroup");
+        assert_eq!(Some(info.cgroup.as_str()), container::cgroup_v2_path(&cgroup));
+        assert_eq!(info.container_id, container::id_from_cgroup(&info.cgroup));
+        // Tests run in the pid namespace their /proc shows.
+        assert_eq!(info.container_pid, None);
+    }
+
+    #[test]
+    fn nspid_gives_the_innermost_pid() {
+        let status = "Name:\ttcp-fixture\nTgid:\t4242\nNgid:\t0\nPid:\t4242\nNSpid:\t4242\t7\nNSpgid:\t4242\t1\n";
+        assert_eq!(innermost_pid(status), Some(7));
+        assert_eq!(innermost_pid("Pid:\t10\nNSpid:\t10\n"), Some(10));
+        assert_eq!(innermost_pid("Pid:\t10\n"), None);
+    }
+
+    #[test]
+    fn older_recordings_process_records_still_read() {
+        let old: ProcInfo = serde_json::from_str(r#"{"comm":"leaky","cmdline":"./leaky"}"#).expect("reads");
+        assert_eq!(
+            old,
+            ProcInfo {
+                comm: "leaky".into(),
+                cmdline: "./leaky".into(),
+                ..ProcInfo::default()
+            }
+        );
+        // And a process outside any container writes nothing more.
+        assert_eq!(
+            serde_json::to_string(&old).expect("writes"),
+            r#"{"comm":"leaky","cmdline":"./leaky"}"#
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The TCP sockets that exist right now, from the kernel's sock_diag
-//! netlink interface, joined with /proc to find who holds them. A leak that
-//! predates the tracer is the common case, so this runs at start-up.
+//! netlink interface in every network namespace ([`netns`]), joined
+//! with /proc to find who holds them. A leak that predates the tracer is
+//! the common case, so this runs at start-up.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
@@ -13,8 +15,12 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
 
+pub mod netns;
+
+use self::netns::{EnterError, Namespaces};
 use crate::{
     correlate::{Endpoints, SnapshotSocket},
+    privileges::{self, Denied},
     procs,
 };
 
@@ -28,29 +34,82 @@ pub struct DiagSocket {
     /// Receive queue: unread bytes, plus one once a FIN has arrived.
     pub recv_queue: u32,
     pub last_ack_age_ms: Option<u32>,
+    /// The network namespace it is in (its inode, as in `net:[INODE]`).
+    pub netns: u64,
 }
 
-/// Every IPv4 and IPv6 TCP socket in one of `states`.
+/// Every IPv4 and IPv6 TCP socket in one of `states`, in every network
+/// namespace.
 pub fn dump_tcp(states: StateFlags) -> Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
     for_each_tcp(states, |s| out.push(s))?;
     Ok(out)
 }
 
-/// Each IPv4 and IPv6 TCP socket in one of `states`, as the dump arrives:
-/// nothing is collected that the caller does not keep.
-pub fn for_each_tcp(states: StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<()> {
-    dump_family(AF_INET, states, &mut each)?;
-    dump_family(AF_INET6, states, &mut each)
+/// Each IPv4 and IPv6 TCP socket in one of `states`, in every network
+/// namespace, as the dumps arrive: nothing is collected that the caller
+/// does not keep.
+pub fn for_each_tcp(states: StateFlags, each: impl FnMut(DiagSocket)) -> Result<()> {
+    for_each_tcp_in(&netns::enumerate(), states, each).map(drop)
 }
 
-fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)) -> Result<()> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
-    socket.bind_auto().context("binding the sock_diag socket")?;
-    socket
-        .connect(&NlAddr::new(0, 0))
-        .context("connecting the sock_diag socket")?;
+/// [`for_each_tcp`] in `namespaces`; returns how many of them could not be
+/// entered. An error reading the tracer's own namespace is returned;
+/// another namespace that cannot be read is skipped (refused ones are
+/// warned about, once per run, by [`privileges::denied`]).
+pub fn for_each_tcp_in(namespaces: &Namespaces, states: StateFlags, mut each: impl FnMut(DiagSocket)) -> Result<usize> {
+    let mut refused = 0;
+    for ns in &namespaces.list {
+        let socket = match ns.enter(open_diag_socket) {
+            Ok(s) => s,
+            Err(EnterError::Refused) => {
+                refused += 1;
+                continue;
+            }
+            Err(EnterError::Failed(e)) if ns.is_own() => {
+                return Err(e).context("opening a sock_diag netlink socket");
+            }
+            Err(EnterError::Failed(e)) => {
+                log::debug!("skipping network namespace {}: {e}", ns.inode);
+                continue;
+            }
+        };
+        for family in [AF_INET, AF_INET6] {
+            match dump_family(&socket, family, states, ns.inode, &mut each) {
+                Ok(()) => {}
+                Err(e) if ns.is_own() => return Err(e),
+                Err(e) => {
+                    // Said once: gatherings run every second.
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    if WARNED.swap(true, Ordering::Relaxed) {
+                        log::debug!("cannot read the sockets of network namespace {}: {e:#}", ns.inode);
+                    } else {
+                        log::warn!("cannot read the sockets of network namespace {}: {e:#}", ns.inode);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    privileges::denied(Denied::Setns, refused);
+    Ok(refused)
+}
 
+/// A sock_diag socket in the calling thread's network namespace.
+fn open_diag_socket() -> std::io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NlAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+fn dump_family(
+    socket: &Socket,
+    family: u8,
+    states: StateFlags,
+    netns: u64,
+    each: &mut impl FnMut(DiagSocket),
+) -> Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let socket_id = if family == AF_INET {
@@ -87,7 +146,7 @@ fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)
                 .map_err(|e| anyhow!("bad sock_diag message: {e}"))?;
             let len = msg.header.length as usize;
             match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(convert(&r)),
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(convert(&r, netns)),
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => bail!("sock_diag error: {e}"),
                 _ => {}
@@ -100,7 +159,7 @@ fn dump_family(family: u8, states: StateFlags, each: &mut impl FnMut(DiagSocket)
     }
 }
 
-fn convert(r: &InetResponse) -> DiagSocket {
+fn convert(r: &InetResponse, netns: u64) -> DiagSocket {
     let h = &r.header;
     let id = &h.socket_id;
     // The kernel stores the cookie as two host-order u32 halves.
@@ -120,6 +179,7 @@ fn convert(r: &InetResponse) -> DiagSocket {
         inode: u64::from(h.inode),
         recv_queue: h.recv_queue,
         last_ack_age_ms,
+        netns,
     }
 }
 
