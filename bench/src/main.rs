@@ -17,6 +17,7 @@
 mod observer;
 mod report;
 mod run;
+mod scrape;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -434,6 +435,7 @@ fn configurations(s: &Settings, peers: Vec<Observer>, java: bool) -> Vec<Config>
         plain(Workload::Churn, Observer::Baseline),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Text)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Json)),
+        plain(Workload::Churn, Observer::Tracer(TracerKind::Daemon)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Events)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::Record)),
         plain(Workload::Churn, Observer::Tracer(TracerKind::PidFilter)),

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::procs::{Exit, OnParentDeath, Out, Proc};
+use crate::scrape::{self, Scraper};
 
 /// bpftrace's program: one line per state change. BEGIN runs once every
 /// probe is attached, so its line says the tool is ready. Event lines start
@@ -56,6 +57,9 @@ pub enum TracerKind {
     /// `--pid`, the server's accepts take none).
     ClientNoStacks,
     ClientAllStacks,
+    /// `tracer daemon --listen 127.0.0.1:PORT`, its JSON lines to a file,
+    /// scraped every 100 ms ([`crate::scrape`]) while the load runs.
+    Daemon,
 }
 
 impl TracerKind {
@@ -79,6 +83,7 @@ impl Observer {
             Observer::Baseline => "baseline (no tracer)".into(),
             Observer::Tracer(TracerKind::Text) => format!("tracer live{extra} (text, host-wide)"),
             Observer::Tracer(TracerKind::Json) => format!("tracer live --json{extra}"),
+            Observer::Tracer(TracerKind::Daemon) => format!("tracer daemon{extra} (scraped every 100 ms)"),
             Observer::Tracer(TracerKind::Events) => format!("tracer live --json --events{extra}"),
             Observer::Tracer(TracerKind::Record) => format!("tracer record{extra}"),
             Observer::Tracer(TracerKind::PidFilter) => format!("tracer live --json --pid <idle>{extra}"),
@@ -111,6 +116,8 @@ impl Observer {
 pub struct Running {
     pub proc: Proc,
     kind: Watch,
+    /// The daemon's scraper, stopped before the daemon.
+    scraper: Option<Scraper>,
     /// From spawn to ready.
     pub start_seconds: f64,
 }
@@ -177,6 +184,7 @@ fn start_inner(obs: &Observer, s: &Start) -> Result<Option<Running>> {
             Ok(Some(Running {
                 proc: p,
                 kind: Watch::Peer,
+                scraper: None,
                 start_seconds: 0.0,
             }))
         }
@@ -188,6 +196,7 @@ fn start_inner(obs: &Observer, s: &Start) -> Result<Option<Running>> {
             Ok(Some(Running {
                 proc: p,
                 kind: Watch::Peer,
+                scraper: None,
                 start_seconds: 0.0,
             }))
         }
@@ -206,10 +215,21 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
             cmd.arg("record").arg("-o").arg(&path);
             Some(path)
         }
+        TracerKind::Daemon => {
+            cmd.args(["daemon", "--listen"]);
+            Some(s.tmp.join(format!("{}.jsonl", s.stem)))
+        }
         _ => {
             cmd.args(["live", "--json"]);
             Some(s.tmp.join(format!("{}.jsonl", s.stem)))
         }
+    };
+    let port = if kind == TracerKind::Daemon {
+        let port = scrape::free_port().context("finding a free port for the daemon")?;
+        cmd.arg(format!("127.0.0.1:{port}"));
+        Some(port)
+    } else {
+        None
     };
     if kind == TracerKind::Events {
         cmd.arg("--events");
@@ -253,6 +273,7 @@ fn start_tracer(kind: TracerKind, s: &Start) -> Result<Running> {
     Ok(Running {
         proc: p,
         kind: Watch::Tracer { kind, output },
+        scraper: port.map(Scraper::start),
         start_seconds: 0.0,
     })
 }
@@ -287,9 +308,16 @@ impl Running {
                 (libc::SIGTERM, Duration::from_secs(10)),
             ],
         };
+        let scraped = self.scraper.take().map(|s| {
+            let t = s.stop();
+            match &t.first_error {
+                None => format!("{} scrapes of /metrics, none failed", t.ok),
+                Some(e) => format!("{} scrapes of /metrics, {} FAILED (first: {e})", t.ok, t.failed),
+            }
+        });
         let (exit, step) = self.proc.stop_with(steps)?;
         let note = (step > 0).then(|| format!("{} ignored SIGINT for 3 s; stopped with SIGTERM", self.proc.name));
-        Ok((exit, note))
+        Ok((exit, note.into_iter().chain(scraped).reduce(|a, b| format!("{a}; {b}"))))
     }
 
     /// Counters that need the stopped observer's output. `tracer` is used to

@@ -198,7 +198,7 @@ fn target(c: &Config) -> Option<f64> {
         return None;
     }
     match c.observer {
-        Observer::Tracer(TracerKind::Text | TracerKind::Json) => Some(2.5),
+        Observer::Tracer(TracerKind::Text | TracerKind::Json | TracerKind::Daemon) => Some(2.5),
         Observer::Tracer(TracerKind::PidFilter) => Some(0.5),
         Observer::Tracer(TracerKind::Events | TracerKind::Record) => Some(4.0),
         _ => None,

@@ -67,6 +67,12 @@ pub fn cap_bit(cap: &str) -> u32 {
 /// `tracer live --json ARGS...` as [`NOBODY`] with exactly `caps`
 /// (effective, permitted, inheritable and ambient; nothing else).
 pub fn run_reduced(setpriv: &PathBuf, caps: &[&str], args: &[&str]) -> Child {
+    run_reduced_cmd(setpriv, caps, &["live", "--json"], args)
+}
+
+/// `tracer COMMAND... ARGS...` (for example `["daemon"]`) as [`NOBODY`]
+/// with exactly `caps`, as [`run_reduced`].
+pub fn run_reduced_cmd(setpriv: &PathBuf, caps: &[&str], command: &[&str], args: &[&str]) -> Child {
     let list: String = std::iter::once("-all".to_string())
         .chain(caps.iter().map(|c| format!("+{c}")))
         .collect::<Vec<_>>()
@@ -77,12 +83,16 @@ pub fn run_reduced(setpriv: &PathBuf, caps: &[&str], args: &[&str]) -> Child {
         .arg(format!("--inh-caps={list}"))
         .arg(format!("--ambient-caps={list}"))
         .arg(tracer_for_nobody())
-        .args(["live", "--json"])
+        .args(command)
         .args(args)
         .env_remove("RUST_LOG")
         .env_remove("RUST_BACKTRACE");
     Child::spawn(
-        &format!("tracer live --json {} (uid {NOBODY}, caps {caps:?})", args.join(" ")),
+        &format!(
+            "tracer {} {} (uid {NOBODY}, caps {caps:?})",
+            command.join(" "),
+            args.join(" ")
+        ),
         cmd,
     )
 }

@@ -27,13 +27,12 @@ pub fn run_tracer(args: &[&str]) -> Tracer {
 }
 
 /// Spawns `tracer daemon ARGS...` (its stdout is JSON lines too: start,
-/// each leak and late close, losses, the summary at SIGTERM).
-pub fn run_daemon(args: &[&str]) -> Tracer {
+/// each leak and late close, losses, the summary at SIGTERM; read them
+/// with [`crate::reduced::finish`]).
+pub fn run_daemon(args: &[&str]) -> Child {
     let mut cmd = Command::new(tracer_bin());
     cmd.arg("daemon").args(args);
-    Tracer {
-        child: Child::spawn(&format!("tracer daemon {}", args.join(" ")), cmd),
-    }
+    Child::spawn(&format!("tracer daemon {}", args.join(" ")), cmd)
 }
 
 /// A fixture client started with `--wait-stdin-line` (its `CLIENT_ARGS`

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracer_tests::prometheus::{prometheus_bin, Prometheus};
+use tracer_tests::reduced::{assert_runs_with, finish, require_setpriv, run_reduced_cmd, wait_started};
 use tracer_tests::{
-    format_ss, free_port, http_get, require_privileges, run_daemon, spawn_client, spawn_server, ss_sockets, Child,
-    SsSocket, Tracer, Value,
+    format_ss, free_port, http_get, require_privileges, run_daemon, spawn_client, spawn_client_via, spawn_server,
+    spawn_server_via, ss_sockets, Child, NetNs, SsSocket, Value,
 };
 
 /// Loading and attaching the eBPF programs on a loaded 2-core machine.
@@ -26,30 +27,35 @@ const REPLY: u64 = 26;
 
 /// A daemon on a free port, up (`/healthz` answers 200).
 struct Daemon {
-    tracer: Tracer,
+    child: Child,
     port: u16,
 }
 
 fn start_daemon(extra: &[&str]) -> Daemon {
+    start_daemon_with(extra, run_daemon)
+}
+
+/// `spawn` starts `tracer daemon ARGS...`.
+fn start_daemon_with(extra: &[&str], spawn: impl FnOnce(&[&str]) -> Child) -> Daemon {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut args = vec!["--listen", listen.as_str(), "--leak-after", LEAK_AFTER];
     args.extend_from_slice(extra);
-    let mut tracer = run_daemon(&args);
+    let mut child = spawn(&args);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if http_get(port, "/healthz", "*/*").is_ok_and(|r| r.status == 200) {
             break;
         }
         assert!(
-            Instant::now() < deadline && tracer.is_running(),
+            Instant::now() < deadline && child.is_running(),
             "the daemon did not become healthy\n{}",
-            tracer.child().describe()
+            child.describe()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    tracer.wait_started(START_TIMEOUT);
-    Daemon { tracer, port }
+    wait_started(&mut child, START_TIMEOUT);
+    Daemon { child, port }
 }
 
 impl Daemon {
@@ -184,8 +190,8 @@ fn endpoints_and_log_lines_match_ss() {
 
     // SIGTERM: a clean exit, and each leak and late close was one log line.
     // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(d.tracer.pid() as i32, libc::SIGTERM) };
-    let out = d.tracer.finish(Duration::from_secs(15));
+    unsafe { libc::kill(d.child.pid() as i32, libc::SIGTERM) };
+    let out = finish(d.child, Duration::from_secs(15));
     out.assert_success();
     let of_port = |ty: &str| -> BTreeSet<u64> {
         out.of_type(ty)
@@ -322,5 +328,103 @@ fn scraping_every_100ms_under_churn_drops_nothing() {
     eprintln!(
         "{conns} connections, {scrapes} scrapes; hook runs the kernel skipped: {:?}",
         d.sample(r#"tracer_lost_total{counter="hook_misses"}"#)
+    );
+}
+
+/// The capabilities deploy/tracer.service grants (its
+/// `AmbientCapabilities=`), as setpriv names them.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tracer.service");
+    let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("{}: {e}", unit.display()));
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .unwrap_or_else(|| panic!("no AmbientCapabilities= in {}", unit.display()));
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+/// The daemon as the systemd unit runs it (not root, exactly the unit's
+/// capabilities; systemd itself does not run on these machines): a leak in
+/// another network namespace comes with its full evidence, as `ss` inside
+/// that namespace shows it.
+#[test]
+fn the_units_capabilities_give_full_evidence() {
+    if !require_privileges() {
+        return;
+    }
+    let Some(setpriv) = require_setpriv() else { return };
+    let caps = unit_capabilities();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let d = start_daemon_with(&[], |args| run_reduced_cmd(&setpriv, &caps, &["daemon"], args));
+    assert_runs_with(d.child.pid(), &caps);
+
+    let ns = NetNs::create();
+    let w = ns.wrapper();
+    let reply = REPLY.to_string();
+    let (_server, port) = spawn_server_via(&w, "127.0.0.1:0", &["--reply", &reply]);
+    let addr = format!("127.0.0.1:{port}");
+    let (client, _) = spawn_client_via(&w, &["--connect", &addr, "--count", "2", "--mode", "leak"]);
+    let truth = wait_for(
+        Duration::from_secs(10),
+        &|| {
+            format!(
+                "ss in the namespace never showed the 2 leaks:\n{}",
+                format_ss(&ns.ss("close-wait"))
+            )
+        },
+        || {
+            let s: Vec<SsSocket> = ns
+                .ss("close-wait")
+                .into_iter()
+                .filter(|s| s.has_pid(client.pid()))
+                .collect();
+            (s.len() == 2 && s.iter().all(|s| s.recv_q == REPLY + 1)).then_some(s)
+        },
+    );
+    let want: BTreeSet<u64> = truth.iter().map(|s| s.cookie).collect();
+    let leaks = wait_for(
+        Duration::from_secs(15),
+        &|| {
+            format!(
+                "/leaks to port {port} never matched ss in the namespace:\n{}",
+                format_ss(&truth)
+            )
+        },
+        || {
+            let l = d.leaks_to(port);
+            (cookies(&l) == want).then_some(l)
+        },
+    );
+    for l in &leaks {
+        let s = truth
+            .iter()
+            .find(|s| Some(s.cookie) == l["cookie"].as_u64())
+            .expect("matched");
+        assert_eq!(l["netns"].as_u64(), Some(ns.inode()), "{l}");
+        assert_eq!(l["unread_bytes"].as_u64(), Some(REPLY), "{l}\n{}", s.line);
+        assert_eq!(
+            l["fd"].as_i64(),
+            s.fd_of(client.pid()).map(i64::from),
+            "{l}\n{}",
+            s.line
+        );
+        let holders: Vec<u64> = l["holders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["pid"].as_u64())
+            .collect();
+        assert_eq!(holders, vec![u64::from(client.pid())], "{l}\n{}", s.line);
+    }
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(d.child.pid() as i32, libc::SIGTERM) };
+    let out = finish(d.child, Duration::from_secs(15));
+    out.assert_success();
+    assert!(
+        !out.stderr.contains("cannot enter") && !out.stderr.contains("cannot read"),
+        "the unit's capabilities fall short:\n{}",
+        out.stderr
     );
 }

@@ -165,6 +165,9 @@ type StackKey<'a> = Vec<(&'a str, Option<u32>)>;
 pub struct Group {
     pub pid: Option<u32>,
     pub comm: String,
+    /// The process's container (64-hex id), where it runs in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
     pub remote: String,
     pub count: usize,
     pub oldest_close_wait_ms: u64,
@@ -193,6 +196,7 @@ pub fn group(leaks: &[LeakOut]) -> Vec<Group> {
                 Group {
                     pid: l.pid,
                     comm: l.comm.clone(),
+                    container_id: l.container_id.clone(),
                     remote: l.remote.clone(),
                     count: 1,
                     oldest_close_wait_ms: l.close_wait_ms,

@@ -56,7 +56,14 @@ fn roles_and_ports() {
     let old = leak(3, "java", Some(OwnerSource::Snapshot), "[::1]:45000", "[::1]:9000", 0);
     let l = labels_of(&old, &EPHEMERAL);
     assert_eq!((l.role.as_str(), l.port.as_str()), ("client", "9000"));
-    let mut contained = leak(5, "nginx", Some(OwnerSource::Accept), "10.0.0.1:80", "10.0.0.2:50000", 0);
+    let mut contained = leak(
+        5,
+        "nginx",
+        Some(OwnerSource::Accept),
+        "10.0.0.1:80",
+        "10.0.0.2:50000",
+        0,
+    );
     contained.leak.container_id = Some("ab".repeat(32));
     assert_eq!(labels_of(&contained, &EPHEMERAL).container, "ab".repeat(32));
     let both = leak(4, "x", None, "127.0.0.1:45000", "127.0.0.1:46000", 0);

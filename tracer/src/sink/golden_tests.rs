@@ -31,7 +31,13 @@ use super::golden_fixtures::*;
 /// hook missing: every line type but a recording's.
 pub(super) fn live_steps() -> Vec<Step> {
     let mut v = vec![
-        process(DAEMON, "/usr/sbin/old-daemon --foreground"),
+        // An old daemon in a docker container, pid 1 there.
+        process_in(
+            DAEMON,
+            "/usr/sbin/old-daemon --foreground",
+            "/system.slice/docker-9c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d.scope",
+            Some(1),
+        ),
         Input::Snapshot(SnapshotInput {
             ns: T0,
             sockets: vec![SnapshotSocket {

@@ -290,9 +290,10 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         } else {
             writeln!(o, "{} socket(s) leaked in CLOSE_WAIT:", s.leaks.len())?;
             for g in &s.groups {
-                let who = match g.pid {
-                    Some(pid) => format!("pid {pid} ({})", g.comm),
-                    None => "owner unknown".into(),
+                let who = match (g.pid, &g.container_id) {
+                    (Some(pid), Some(id)) => format!("pid {pid} ({}) in container {}", g.comm, short_id(id)),
+                    (Some(pid), None) => format!("pid {pid} ({})", g.comm),
+                    (None, _) => "owner unknown".into(),
                 };
                 let user: Vec<Frame> = g.open_stack.iter().filter(|f| !f.kernel).cloned().collect();
                 // A group of leaks without a stack (sampled out, stacks off,
