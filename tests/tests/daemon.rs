@@ -130,6 +130,30 @@ fn cookies(v: &[Value]) -> BTreeSet<u64> {
     v.iter().filter_map(|l| l["cookie"].as_u64()).collect()
 }
 
+/// Waits until `/leaks` lists exactly `truth`'s sockets to `port`, and
+/// pairs each leak with its socket as ss shows it.
+fn leaks_matching<'a>(d: &Daemon, port: u16, truth: &'a [SsSocket], where_: &str) -> Vec<(Value, &'a SsSocket)> {
+    let want: BTreeSet<u64> = truth.iter().map(|s| s.cookie).collect();
+    let leaks = wait_for(
+        Duration::from_secs(15),
+        &|| format!("/leaks to port {port} never matched ss{where_}:\n{}", format_ss(truth)),
+        || {
+            let l = d.leaks_to(port);
+            (cookies(&l) == want).then_some(l)
+        },
+    );
+    leaks
+        .into_iter()
+        .map(|l| {
+            let s = truth
+                .iter()
+                .find(|s| Some(s.cookie) == l["cookie"].as_u64())
+                .expect("matched");
+            (l, s)
+        })
+        .collect()
+}
+
 #[test]
 fn endpoints_and_log_lines_match_ss() {
     if !require_privileges() {
@@ -140,19 +164,7 @@ fn endpoints_and_log_lines_match_ss() {
     let want: BTreeSet<u64> = truth.iter().map(|s| s.cookie).collect();
 
     // /leaks: exactly ss's sockets, each with ss's unread bytes and fd.
-    let leaks = wait_for(
-        Duration::from_secs(15),
-        &|| format!("/leaks to port {port} never matched ss:\n{}", format_ss(&truth)),
-        || {
-            let l = d.leaks_to(port);
-            (cookies(&l) == want).then_some(l)
-        },
-    );
-    for l in &leaks {
-        let s = truth
-            .iter()
-            .find(|s| Some(s.cookie) == l["cookie"].as_u64())
-            .expect("matched");
+    for (l, s) in leaks_matching(&d, port, &truth, "") {
         assert_eq!(l["unread_bytes"].as_u64(), Some(s.recv_q - 1), "{l}\n{}", s.line);
         assert_eq!(l["pid"].as_u64(), Some(u64::from(client.pid())), "{l}");
         assert_eq!(
@@ -383,25 +395,7 @@ fn the_units_capabilities_give_full_evidence() {
             (s.len() == 2 && s.iter().all(|s| s.recv_q == REPLY + 1)).then_some(s)
         },
     );
-    let want: BTreeSet<u64> = truth.iter().map(|s| s.cookie).collect();
-    let leaks = wait_for(
-        Duration::from_secs(15),
-        &|| {
-            format!(
-                "/leaks to port {port} never matched ss in the namespace:\n{}",
-                format_ss(&truth)
-            )
-        },
-        || {
-            let l = d.leaks_to(port);
-            (cookies(&l) == want).then_some(l)
-        },
-    );
-    for l in &leaks {
-        let s = truth
-            .iter()
-            .find(|s| Some(s.cookie) == l["cookie"].as_u64())
-            .expect("matched");
+    for (l, s) in leaks_matching(&d, port, &truth, " in the namespace") {
         assert_eq!(l["netns"].as_u64(), Some(ns.inode()), "{l}");
         assert_eq!(l["unread_bytes"].as_u64(), Some(REPLY), "{l}\n{}", s.line);
         assert_eq!(

@@ -119,23 +119,6 @@ mod tests {
 
     use super::*;
 
-    fn cookie(s: &TcpStream) -> u64 {
-        let mut c: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `c`.
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&mut c as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
-        c
-    }
-
     /// A socket of this process in CLOSE_WAIT, held twice (dup), with 5
     /// bytes unread: gathered on a worker thread, as live.rs does, with
     /// no privilege (sock_diag and one's own /proc/PID/fd need none).
@@ -147,7 +130,7 @@ mod tests {
         server.write_all(b"hello").expect("write");
         server.shutdown(Shutdown::Write).expect("FIN");
         let dup = client.try_clone().expect("dup");
-        let c = cookie(&client);
+        let c = crate::snapshot::so_cookie(&client);
         let me = std::process::id();
         let mut found = None;
         for _ in 0..100 {

@@ -219,3 +219,24 @@ pub fn take(only_pid: Option<u32>) -> Result<Vec<SnapshotSocket>> {
     }
     Ok(out)
 }
+
+/// A socket's cookie as the kernel gives it to its holder (`SO_COOKIE`):
+/// what sock_diag and the eBPF side call it. For tests of both.
+#[cfg(test)]
+pub fn so_cookie(s: &std::net::TcpStream) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    let mut c: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `c`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut c as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    c
+}

@@ -212,23 +212,6 @@ mod tests {
         }
     }
 
-    fn cookie(s: &std::net::TcpStream) -> u64 {
-        let mut c: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `c`.
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&mut c as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "SO_COOKIE: {}", io::Error::last_os_error());
-        c
-    }
-
     /// A socket in CLOSE_WAIT in a namespace of its own (a thread's, made
     /// with unshare) is read there, with 5 bytes unread and that
     /// namespace's inode; the tracer's own namespace does not list it.
@@ -256,7 +239,8 @@ mod tests {
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() };
             let inode = key("/proc/thread-self/ns/net").expect("our namespace").1;
-            tx.send((tid, inode, cookie(&client))).expect("send");
+            tx.send((tid, inode, crate::snapshot::so_cookie(&client)))
+                .expect("send");
             let _ = wait.recv();
             drop((client, server));
         });
