@@ -9,6 +9,7 @@ mod setup;
 mod soak;
 mod test;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,9 @@ enum Cmd {
     /// thousands of leaking processes and many idle sockets; judge leaks
     /// found, stacks, drops and memory (needs root).
     Soak(soak::Args),
+    /// Boot one of Debian's kernels under qemu with this host's root shared
+    /// read-only, and run a command (default: a tracer smoke scenario) in it.
+    Vm(vm::Args),
 }
 
 fn main() {
@@ -47,6 +51,7 @@ fn main() {
         Cmd::Lint => lint::run().map(|()| 0),
         Cmd::Bench(args) => bench::run(args).map(|()| 0),
         Cmd::Soak(args) => soak::run(args),
+        Cmd::Vm(args) => vm::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

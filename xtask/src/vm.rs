@@ -1,0 +1,343 @@
+//! `cargo xtask vm --kernel 6.1 [-- CMD...]`: boots one of Debian's own
+//! kernels under qemu (software emulation: the machines' /dev/kvm is a
+//! paravirtual KVM under which stock kernels crawl or die) with this host's
+//! root filesystem shared read-only (virtme-ng), runs CMD inside as root,
+//! and exits with CMD's exit code. Without CMD it runs a tracer smoke
+//! scenario: `tracer live --json` finding a fixture's leak.
+//!
+//! The kernel package is fetched with `apt-get download` (nothing is
+//! installed into the host's /boot), unpacked under target/vm/, and its
+//! modules indexed with `depmod -b`. virtme-ng comes from PyPI into a venv
+//! under target/vm/.
+//!
+//! The host has no udev, so virtme-ng's guest init cannot find its
+//! virtio-serial ports and runs the command on the console: its output is
+//! mixed with the kernel's, and qemu's exit code says nothing. The command
+//! therefore ends by printing a marker line with its exit code, which is
+//! what counts; no marker is a failure.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::setup::{self, Prepared};
+use crate::util;
+
+/// virtme-ng's release known to work here (PyPI).
+const VIRTME_NG: &str = "virtme-ng==1.42";
+/// The line the guest prints last: `XTASK-VM-EXIT <code>`.
+const EXIT_MARKER: &str = "XTASK-VM-EXIT";
+/// Host packages the guest needs: qemu itself, busybox for virtme-ng's
+/// initramfs, depmod to index the unpacked modules (and modprobe inside the
+/// guest, through the shared root, for sock_diag's modules).
+const HOST_PACKAGES: [(&str, &str); 3] = [
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
+    ("kmod", "depmod"),
+];
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Which kernel: 5.10 (Debian 11), 6.1 (Debian 12) or 6.12 (Debian 12
+    /// backports).
+    #[arg(long, value_name = "VERSION")]
+    pub kernel: String,
+
+    /// Guest memory.
+    #[arg(long, default_value = "2G")]
+    pub memory: String,
+
+    /// The command to run in the guest (default: the smoke scenario).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+pub fn run(args: Args) -> Result<i32> {
+    let env = setup::run()?;
+    anyhow::ensure!(
+        util::is_root(),
+        "booting a kernel under qemu here needs root (apt, /dev access)"
+    );
+    ensure_host_packages()?;
+    let work = util::target_dir(env.cargo())?.join("vm");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let vng = ensure_virtme_ng(&work)?;
+    let kernel = fetch_kernel(&work, &args.kernel)?;
+    let cmd = if args.cmd.is_empty() {
+        smoke_command(&env)?
+    } else {
+        shell_join(&args.cmd)
+    };
+    boot(&vng, &kernel, &args.memory, &cmd)
+}
+
+fn ensure_host_packages() -> Result<()> {
+    let missing: Vec<&str> = HOST_PACKAGES
+        .iter()
+        .filter(|(_, bin)| util::find_on_path(bin).is_none() && util::find_in(bin, sbin_dirs()).is_none())
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    util::run_step("update apt package index", &mut setup::apt_get(&["update"]))?;
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend(&missing);
+    util::run_step(&format!("install {}", missing.join(" ")), &mut setup::apt_get(&args))
+}
+
+fn sbin_dirs() -> Vec<PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// virtme-ng in a venv of Debian's python3 (not a pyenv shim: programs
+/// start slowly in a guest, and a shim takes seconds).
+fn ensure_virtme_ng(work: &Path) -> Result<PathBuf> {
+    let venv = work.join("venv");
+    let vng = venv.join("bin").join("vng");
+    if vng.is_file() {
+        return Ok(vng);
+    }
+    util::run_step(
+        "create a python venv for virtme-ng",
+        Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(&venv),
+    )?;
+    util::run_step(
+        "install virtme-ng",
+        Command::new(venv.join("bin").join("pip")).args(["install", "-q", VIRTME_NG]),
+    )?;
+    anyhow::ensure!(vng.is_file(), "virtme-ng installed no {}", vng.display());
+    Ok(vng)
+}
+
+/// An unpacked kernel.
+struct Kernel {
+    image: PathBuf,
+}
+
+/// Debian suites that carry the kernels users run: bookworm (6.1),
+/// bookworm-security (6.1 and 6.12 from backports), bullseye-security (5.10).
+const SUITES: &str = "Types: deb\n\
+URIs: http://deb.debian.org/debian\n\
+Suites: bookworm\n\
+Components: main\n\
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\
+\n\
+Types: deb\n\
+URIs: http://deb.debian.org/debian-security\n\
+Suites: bookworm-security bullseye-security\n\
+Components: main\n\
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
+
+/// apt with a private state under `work`: the suites above, whatever the
+/// host's own sources are, and nothing changed in the host's apt state.
+fn private_apt(work: &Path, program: &str) -> Result<Command> {
+    let dir = work.join("apt");
+    let lists = dir.join("lists");
+    std::fs::create_dir_all(lists.join("partial"))?;
+    let sources = dir.join("kernels.sources");
+    std::fs::write(&sources, SUITES)?;
+    let mut c = Command::new(program);
+    c.env("DEBIAN_FRONTEND", "noninteractive")
+        .arg("-o")
+        .arg(format!("Dir::State::Lists={}", lists.display()))
+        .arg("-o")
+        .arg(format!("Dir::Etc::SourceParts={}", dir.display()))
+        .args(["-o", "Dir::Etc::SourceList=/dev/null"]);
+    Ok(c)
+}
+
+/// The newest Debian package of `version`, downloaded and unpacked once.
+fn fetch_kernel(work: &Path, version: &str) -> Result<Kernel> {
+    let name = match version {
+        "5.10" => PackageName("linux-image-5.10.0-", "-amd64-unsigned"),
+        "6.1" => PackageName("linux-image-6.1.0-", "-amd64-unsigned"),
+        "6.12" => PackageName("linux-image-6.12.", "+deb12-amd64-unsigned"),
+        other => bail!("no Debian kernel package known for {other:?}: use 5.10, 6.1 or 6.12"),
+    };
+    let existing = std::fs::read_dir(work)?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| name.matches(n) && work.join(n).join("root/boot").is_dir())
+        .max_by_key(|a| version_key(a));
+    let package = match existing {
+        // Unpacked before: no network needed (a newer package may exist).
+        Some(p) => p,
+        None => newest_package(work, &name)?,
+    };
+    let dir = work.join(&package);
+    let root = dir.join("root");
+    if !root.join("boot").is_dir() {
+        std::fs::create_dir_all(&dir)?;
+        util::run_step(
+            &format!("download {package}"),
+            private_apt(work, "apt-get")?
+                .args(["download", &package])
+                .current_dir(&dir),
+        )?;
+        let deb = std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
+        let tmp = dir.join("root.partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        util::run_step(
+            &format!("unpack {package}"),
+            Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp),
+        )?;
+        std::fs::rename(&tmp, &root)?;
+        let _ = std::fs::remove_file(&deb);
+    }
+    let release = std::fs::read_dir(root.join("lib/modules"))
+        .context("the package has no lib/modules")?
+        .flatten()
+        .find_map(|e| e.file_name().into_string().ok())
+        .context("the package has no module tree")?;
+    // Debian's packages ship no modules.dep; virtme-ng loads 9p and virtio
+    // from this tree.
+    util::run_step_quietly(
+        "index the kernel's modules",
+        Command::new("depmod").arg("-b").arg(&root).arg(&release),
+    )?;
+    Ok(Kernel {
+        image: root.join("boot").join(format!("vmlinuz-{release}")),
+    })
+}
+
+/// A kernel package's name: a fixed prefix, the ABI or patch number, a
+/// fixed suffix.
+struct PackageName(&'static str, &'static str);
+
+impl PackageName {
+    fn matches(&self, name: &str) -> bool {
+        name.strip_prefix(self.0)
+            .and_then(|rest| rest.strip_suffix(self.1))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    /// For `apt-cache search`, which takes a regular expression.
+    fn pattern(&self) -> String {
+        let escape = |s: &str| s.replace('.', r"\.").replace('+', r"\+");
+        format!("^{}[0-9]+{}$", escape(self.0), escape(self.1))
+    }
+}
+
+/// The newest package named like `name` in the suites above.
+fn newest_package(work: &Path, name: &PackageName) -> Result<String> {
+    util::run_step_quietly(
+        "update the kernel suites' package index",
+        private_apt(work, "apt-get")?.arg("update"),
+    )?;
+    let out = private_apt(work, "apt-cache")?
+        .args(["search", "--names-only", &name.pattern()])
+        .output()
+        .context("running apt-cache")?;
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|n| name.matches(n))
+        .collect();
+    names.sort_by_key(|a| version_key(a));
+    names
+        .pop()
+        .with_context(|| format!("the Debian archive has no package matching {}", name.pattern()))
+}
+
+/// Numeric parts of a package name, for "newest".
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// `tracer live --json` traces while a fixture client leaks two sockets to
+/// a fixture server; the guest checks that both leaks are reported.
+fn smoke_command(env: &Prepared) -> Result<String> {
+    let target = util::target_dir(env.cargo())?.join("debug");
+    let tracer = target.join("tracer");
+    let fixture = target.join("tcp-fixture");
+    anyhow::ensure!(
+        tracer.is_file() && fixture.is_file(),
+        "build first: `cargo build --bins` (needs {} and {})",
+        tracer.display(),
+        fixture.display()
+    );
+    let (t, f) = (tracer.display(), fixture.display());
+    Ok(format!(
+        "uname -r; \
+         {t} live --json --leak-after 1s --duration 25s > /tmp/out.jsonl 2> /tmp/err.txt & tp=$!; \
+         for i in $(seq 100); do grep -q '\"type\":\"start\"' /tmp/out.jsonl 2>/dev/null && break; sleep 0.3; done; \
+         {f} server --listen 127.0.0.1:7777 --reply 26 > /dev/null & sleep 1; \
+         {f} client --connect 127.0.0.1:7777 --count 2 --mode leak --hold-secs 60 > /dev/null & \
+         wait $tp; rc=$?; echo \"smoke: tracer exited with $rc\"; cat /tmp/err.txt; head -c 600 /tmp/out.jsonl; echo; \
+         n=$(grep -c '\"type\":\"leak\".*:7777' /tmp/out.jsonl); \
+         echo \"smoke: $n leaks to 127.0.0.1:7777 reported\"; test \"$rc\" = 0 && test \"$n\" = 2"
+    ))
+}
+
+fn shell_join(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Boots `kernel` and runs `cmd` (a shell command line) in it; its exit
+/// code, read from the marker line.
+fn boot(vng: &Path, kernel: &Kernel, memory: &str, cmd: &str) -> Result<i32> {
+    let script = format!("({cmd}); echo {EXIT_MARKER} $?");
+    let mut c = Command::new(vng);
+    c.arg("--run")
+        .arg(&kernel.image)
+        .args([
+            "--force-9p",
+            "--user",
+            "root",
+            "--disable-kvm",
+            "--cpus",
+            "2",
+            "--verbose",
+        ])
+        .args(["--memory", memory])
+        .arg("--exec")
+        .arg(&script)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                vng.parent().expect("venv bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdin(Stdio::null());
+    // The console (with the command's output) comes on either stream
+    // depending on virtme-ng's mode: both into one pipe (qemu reopens its
+    // outputs with truncation, so a pipe, never a file).
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    c.stdout(writer.try_clone().context("duplicating a pipe")?)
+        .stderr(writer);
+    eprintln!("==> booting {} under qemu (TCG)", kernel.image.display());
+    let mut child = c.spawn().context("starting virtme-ng (vng)")?;
+    // Our copies of the write end must go, or the read never ends.
+    drop(c);
+    let mut code = None;
+    for line in BufReader::new(reader).lines() {
+        let line = line.context("reading the guest's console")?;
+        println!("{line}");
+        if let Some(rest) = line.trim().strip_prefix(EXIT_MARKER) {
+            code = rest.trim().parse::<i32>().ok();
+        }
+    }
+    let status = child.wait().context("waiting for qemu")?;
+    match code {
+        Some(c) => Ok(c),
+        None => bail!("the guest printed no exit marker (qemu: {status}): it did not boot, or the command hung"),
+    }
+}
