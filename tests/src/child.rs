@@ -122,6 +122,7 @@ impl Child {
     /// Waits until a line of stderr matches `pred` and returns it. Panics
     /// with everything seen so far on timeout or if the process exits first.
     pub fn wait_stderr_line(&mut self, mut pred: impl FnMut(&str) -> bool, timeout: Duration) -> String {
+        let timeout = slowed(timeout);
         let deadline = Instant::now() + timeout;
         let mut exited_at = None;
         loop {
@@ -171,6 +172,7 @@ impl Child {
     /// Waits for the next stdout line matching `pred` and returns it. Panics
     /// with everything seen so far on timeout or if stdout closes first.
     pub fn wait_line(&mut self, mut pred: impl FnMut(&str) -> bool, timeout: Duration) -> String {
+        let timeout = slowed(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             match self.next_line(deadline) {
@@ -195,6 +197,7 @@ impl Child {
 
     /// Collects the remaining stdout lines until EOF (or `timeout`).
     pub fn drain_stdout(&mut self, timeout: Duration) {
+        let timeout = slowed(timeout);
         let deadline = Instant::now() + timeout;
         while self.next_line(deadline).is_ok() {}
     }
@@ -219,6 +222,7 @@ impl Child {
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let timeout = slowed(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_status() {
@@ -283,6 +287,7 @@ impl Child {
 
     /// Waits for stderr to reach EOF (after the process exited).
     fn join_stderr(&mut self, timeout: Duration) {
+        let timeout = slowed(timeout);
         let deadline = Instant::now() + timeout;
         if let Some(h) = self.stderr_thread.take() {
             while !h.is_finished() && Instant::now() < deadline {
@@ -300,4 +305,20 @@ impl Drop for Child {
         self.stdin = None;
         self.kill();
     }
+}
+
+/// `timeout` stretched by `TRACER_TEST_SLOWDOWN` (a factor, default 1):
+/// under software emulation (`cargo xtask test --kernel`) every program
+/// runs several times slower, the tracer's start-up (BTF, verifier) most.
+/// What a test waits for stays the same; only how long it waits changes.
+pub fn slowed(timeout: Duration) -> Duration {
+    static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let f = *FACTOR.get_or_init(|| {
+        std::env::var("TRACER_TEST_SLOWDOWN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&f| f >= 1)
+            .unwrap_or(1)
+    });
+    timeout * f
 }

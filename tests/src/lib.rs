@@ -49,7 +49,7 @@ pub mod tracer;
 pub use serde_json::Value;
 
 pub use addr::{normalize_addr, port_of};
-pub use child::Child;
+pub use child::{slowed, Child};
 pub use compare::assert_same_cookies;
 pub use evidence::{format_stack, stack_has, ClosedBy, Evidence, Frame, Group, Holder};
 pub use fixture::{

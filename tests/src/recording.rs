@@ -132,7 +132,7 @@ pub fn run_tracer_cmd(args: &[&str], timeout: Duration) -> Ran {
     };
     let out = read_all(Box::new(child.stdout.take().expect("piped")));
     let err = read_all(Box::new(child.stderr.take().expect("piped")));
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + crate::child::slowed(timeout);
     let (status, peak_rss_kib) = loop {
         match reap(&child) {
             Ok(Some(done)) => break done,

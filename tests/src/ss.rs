@@ -216,7 +216,7 @@ pub fn wait_for_ss(
     what: &str,
     mut pred: impl FnMut(&[SsSocket]) -> bool,
 ) -> Vec<SsSocket> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + crate::child::slowed(timeout);
     loop {
         let snap = ss_sockets(state);
         if pred(&snap) {

@@ -13,6 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use tracer_tests::recording::checks::*;
+use tracer_tests::slowed;
 use tracer_tests::{
     assert_same_cookies, format_ss, format_stack, require_privileges, run_tracer, stack_has, start_recorder, Evidence,
     Group, Leak, TempFile, TracerOutput, Value,
@@ -194,8 +195,9 @@ fn sigkill_mid_recording_is_readable() {
     let (leaky, _socks) = leaky_client(&server_addr, 4);
     let done = Instant::now();
     wait_leaked(&server_addr, &leaky, 4);
-    // Well past --leak-after: the recorder has seen them leak.
-    std::thread::sleep(Duration::from_millis(2500).saturating_sub(done.elapsed()));
+    // Well past --leak-after: the recorder has seen them leak (in a slow
+    // guest, later: see `slowed`).
+    std::thread::sleep(slowed(Duration::from_millis(2500)).saturating_sub(done.elapsed()));
     assert!(
         recorder.child().is_running(),
         "the recorder stopped by itself\n{}",

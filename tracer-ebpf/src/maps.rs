@@ -22,6 +22,24 @@ pub static KSTACK_SCRATCH: PerCpuArray<Scratch<KernelStackEvent>> = PerCpuArray:
 #[map]
 pub static USTACK_SCRATCH: PerCpuArray<Scratch<UserStackEvent>> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU: the user-stack walk's working words (the saved user registers
+/// and one frame's window). Kept off the BPF stack: kernels before 6.13
+/// have one 512-byte stack for a program and the functions it calls, and
+/// these words on it made the state hook's call chain too deep for 6.1's
+/// verifier. Used only inside `USTACK_SCRATCH`'s busy section, which
+/// guards it too.
+#[map]
+pub static WALK_SCRATCH: PerCpuArray<WalkWords> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct WalkWords {
+    pub regs: [u64; WALK_REGS_WORDS],
+    pub window: [u64; WALK_WINDOW_WORDS],
+}
+
+pub const WALK_REGS_WORDS: usize = 16;
+pub const WALK_WINDOW_WORDS: usize = 10;
+
 #[repr(C)]
 pub struct Scratch<T> {
     /// Non-zero while a program on this CPU is using `record`.

@@ -11,8 +11,6 @@
 //! rather than a stack map, so stacks never run out of map slots; the agent
 //! deduplicates them.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     cty::c_void,
     helpers::generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
@@ -27,7 +25,7 @@ use crate::{catalog, maps, maps::Counters, scratch};
 /// layout is ABI, the same as ptrace's `user_regs_struct`): `bp` is at
 /// byte 32, `ip` at 128 and `sp` at 152. One read covers bp..=sp.
 const REGS_FROM: usize = 32;
-const REGS_WORDS: usize = 16;
+const REGS_WORDS: usize = maps::WALK_REGS_WORDS;
 const BP: usize = 0;
 const IP: usize = (128 - REGS_FROM) / 8;
 const SP: usize = (152 - REGS_FROM) / 8;
@@ -41,7 +39,6 @@ const MAX_FRAME_SPAN: u64 = 1 << 20;
 /// address (9). The words below `fp` are the callee's frame, mapped
 /// whenever `fp` is a real frame pointer.
 const WINDOW_BELOW_FP: u64 = 64;
-const WINDOW_WORDS: usize = 10;
 const SLOT_BCP: usize = 0;
 const SLOT_METHOD: usize = 5;
 const SAVED_FP: usize = 8;
@@ -117,13 +114,18 @@ const FRAMES_AT: usize = core::mem::offset_of!(UserStackEvent, frames);
 /// Written for the verifier, which follows every iteration of the loop:
 /// one helper call and no merging branches per frame (a fallback read that
 /// rejoined the loop made its states differ and multiply past the 1M
-/// instruction limit), and no zero-initialised scratch arrays (they compile
-/// to byte-wise memset loops); the helper initialises them.
+/// instruction limit). Its working words live in `WALK_SCRATCH`, not on
+/// the BPF stack (see there); a helper fills them before they are read.
 #[inline(always)]
 unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; SP_WORDS]) -> (u32, u32, u64, u64) {
-    let mut regs = MaybeUninit::<[u64; REGS_WORDS]>::uninit();
+    let Some(words) = maps::WALK_SCRATCH.get_ptr_mut(0) else {
+        return (0, walk_end::FAULT, 0, 0);
+    };
+    // SAFETY: a per-CPU map value, used only inside the caller's busy
+    // section of `USTACK_SCRATCH` (see `maps::WALK_SCRATCH`).
+    let (regs, window) = unsafe { (&mut (*words).regs, &mut (*words).window) };
     // SAFETY: the helper fills `regs` (or fails, and it is not read).
-    let regs = unsafe {
+    unsafe {
         let task = bpf_get_current_task_btf();
         let pt = bpf_task_pt_regs(task) as *const u8;
         if bpf_probe_read_kernel(
@@ -134,8 +136,7 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
         {
             return (0, walk_end::FAULT, 0, 0);
         }
-        regs.assume_init()
-    };
+    }
     // SAFETY: a fault-tolerant read of user memory (zeroed on a fault).
     unsafe { read_user(sp_words, regs[SP]) };
     frames[0].pc = regs[IP];
@@ -144,7 +145,6 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
     let mut hash = catalog::mix(catalog::SEED, regs[IP]);
     let mut pcs = hash;
     let mut fp = regs[BP];
-    let mut window = MaybeUninit::<[u64; WINDOW_WORDS]>::uninit();
     for i in 1..MAX_USER_FRAMES {
         if fp == 0 {
             return (i as u32, walk_end::OUTERMOST, hash, pcs);
@@ -153,12 +153,10 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
             return (i as u32, walk_end::BAD_FP, hash, pcs);
         }
         // SAFETY: as above; `window` is only read after a successful fill.
-        let w = unsafe {
-            if read_user(&mut window, fp - WINDOW_BELOW_FP) != 0 {
-                return (i as u32, walk_end::FAULT, hash, pcs);
-            }
-            &*window.as_ptr()
-        };
+        if unsafe { read_user(window, fp - WINDOW_BELOW_FP) } != 0 {
+            return (i as u32, walk_end::FAULT, hash, pcs);
+        }
+        let w = &*window;
         let pc = w[RET];
         if pc == 0 {
             return (i as u32, walk_end::OUTERMOST, hash, pcs);

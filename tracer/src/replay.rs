@@ -405,6 +405,8 @@ pub fn analyse<R: Read>(
         preexisting_sockets: inputs
             .first_snapshot_sockets()
             .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        kernel: None,
+        snapshot_error: None,
     })
     .map_err(out)?;
     for input in ahead {

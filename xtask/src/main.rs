@@ -3,6 +3,7 @@
 //! logic runs on developer machines and in CI.
 
 mod bench;
+mod kernels;
 mod lint;
 mod run;
 mod setup;

@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use anyhow::{ensure, Result};
 
 use crate::bench;
+use crate::kernels;
 use crate::setup;
 use crate::util::{self, run_step, run_step_with_stdout};
 
@@ -15,6 +16,19 @@ pub struct Args {
     /// Do not run `cargo xtask bench --quick` after the tests.
     #[arg(long)]
     no_bench: bool,
+
+    /// Also run the integration subset inside these kernels under qemu
+    /// (Debian's 5.10, 6.1 or 6.12; repeatable). Default: all three.
+    #[arg(long = "kernel", value_name = "VERSION")]
+    kernels: Vec<String>,
+
+    /// Do not boot other kernels.
+    #[arg(long, conflicts_with = "kernels")]
+    no_kernels: bool,
+
+    /// Only the runs on other kernels: no host tests, no bench.
+    #[arg(long, conflicts_with = "no_kernels")]
+    only_kernels: bool,
 
     /// Extra arguments for `cargo test`, after `--` (for example
     /// `cargo xtask test -- some_test -- --nocapture`).
@@ -47,18 +61,20 @@ pub fn run(args: Args) -> Result<()> {
         tracer.display()
     );
 
-    run_step_with_stdout(
-        "test",
-        env.cargo()
-            .arg("test")
-            .args(&args.cargo_test_args)
-            .env("TRACER_BIN", &tracer),
-    )?;
+    if !args.only_kernels {
+        run_step_with_stdout(
+            "test",
+            env.cargo()
+                .arg("test")
+                .args(&args.cargo_test_args)
+                .env("TRACER_BIN", &tracer),
+        )?;
+    }
 
     // The bench's mechanics (load generator, tracer start and stop in every
     // configuration, counters, table) are part of what CI proves.
-    if args.no_bench {
-        eprintln!("bench skipped (--no-bench)");
+    if args.no_bench || args.only_kernels {
+        eprintln!("bench skipped");
     } else if !args.cargo_test_args.is_empty() {
         eprintln!("bench skipped: cargo test arguments given (a partial run); run `cargo xtask bench --quick`");
     } else if !util::is_root() {
@@ -71,6 +87,22 @@ pub fn run(args: Args) -> Result<()> {
                 ..bench::Args::default()
             },
         )?;
+    }
+
+    // The same tracer on the kernels users run (CI: 5.10 and 6.1 at least).
+    if args.no_kernels {
+        eprintln!("other kernels skipped (--no-kernels)");
+    } else if !args.cargo_test_args.is_empty() && args.kernels.is_empty() {
+        eprintln!("other kernels skipped: cargo test arguments given (a partial run); add --kernel VERSION");
+    } else if !util::is_root() {
+        eprintln!("warning: other kernels skipped: booting them needs root");
+    } else {
+        let versions: Vec<String> = if args.kernels.is_empty() {
+            kernels::DEFAULT.iter().map(|v| v.to_string()).collect()
+        } else {
+            args.kernels.clone()
+        };
+        kernels::run(&env, &tracer, &versions)?;
     }
     Ok(())
 }

@@ -11,10 +11,11 @@
 //! under target/vm/.
 //!
 //! The host has no udev, so virtme-ng's guest init cannot find its
-//! virtio-serial ports and runs the command on the console: its output is
-//! mixed with the kernel's, and qemu's exit code says nothing. The command
-//! therefore ends by printing a marker line with its exit code, which is
-//! what counts; no marker is a failure.
+//! virtio-serial ports and runs the command on the console, which mixes
+//! its output with the kernel's and loses lines at volume; and qemu's exit
+//! code says nothing of the command's. So the command writes its output
+//! and exit code into a directory the guest may write (target/vm/out),
+//! which is what counts: no exit code there is a failure.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -27,8 +28,6 @@ use crate::util;
 
 /// virtme-ng's release known to work here (PyPI).
 const VIRTME_NG: &str = "virtme-ng==1.42";
-/// The line the guest prints last: `XTASK-VM-EXIT <code>`.
-const EXIT_MARKER: &str = "XTASK-VM-EXIT";
 /// Host packages the guest needs: qemu itself, busybox for virtme-ng's
 /// initramfs, depmod to index the unpacked modules (and modprobe inside the
 /// guest, through the shared root, for sock_diag's modules).
@@ -56,21 +55,62 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<i32> {
     let env = setup::run()?;
-    anyhow::ensure!(
-        util::is_root(),
-        "booting a kernel under qemu here needs root (apt, /dev access)"
-    );
-    ensure_host_packages()?;
-    let work = util::target_dir(env.cargo())?.join("vm");
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let vng = ensure_virtme_ng(&work)?;
-    let kernel = fetch_kernel(&work, &args.kernel)?;
+    let guest = Guest::prepare(&env, &args.kernel, &args.memory)?;
     let cmd = if args.cmd.is_empty() {
         smoke_command(&env)?
     } else {
         shell_join(&args.cmd)
     };
-    boot(&vng, &kernel, &args.memory, &cmd)
+    guest.run(&cmd)
+}
+
+/// A kernel ready to boot, and how.
+pub struct Guest {
+    vng: PathBuf,
+    kernel: Kernel,
+    memory: String,
+    work: PathBuf,
+}
+
+impl Guest {
+    /// Installs what booting needs and fetches the kernel `version`.
+    pub fn prepare(env: &Prepared, version: &str, memory: &str) -> Result<Self> {
+        anyhow::ensure!(
+            util::is_root(),
+            "booting a kernel under qemu here needs root (apt, /dev access)"
+        );
+        ensure_host_packages()?;
+        let work = util::target_dir(env.cargo())?.join("vm");
+        std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        Ok(Self {
+            vng: ensure_virtme_ng(&work)?,
+            kernel: fetch_kernel(&work, version)?,
+            memory: memory.to_string(),
+            work,
+        })
+    }
+
+    /// Boots the kernel, runs `cmd` (a shell command line) as root with
+    /// the host's root filesystem read-only (and a tmpfs /tmp), and returns
+    /// its exit code.
+    pub fn run(&self, cmd: &str) -> Result<i32> {
+        let out = self.work.join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        boot(self, &out, cmd)?;
+        let log = out.join("log");
+        match std::fs::read(&log) {
+            Ok(text) => {
+                println!("==> the command's output in the guest:");
+                std::io::Write::write_all(&mut std::io::stdout(), &text)?;
+            }
+            Err(e) => eprintln!("warning: the guest left no output ({}: {e})", log.display()),
+        }
+        let code = std::fs::read_to_string(out.join("exit")).unwrap_or_default();
+        code.trim().parse::<i32>().map_err(|_| {
+            anyhow::anyhow!("the guest left no exit code: it did not boot, or the command hung or was killed")
+        })
+    }
 }
 
 fn ensure_host_packages() -> Result<()> {
@@ -257,14 +297,17 @@ fn version_key(name: &str) -> Vec<u64> {
 }
 
 /// `tracer live --json` traces while a fixture client leaks two sockets to
-/// a fixture server; the guest checks that both leaks are reported.
+/// a fixture server; the guest checks that both leaks are reported. (The
+/// client holds its sockets until stdin ends: a pipe that stays open, as a
+/// background job's stdin is /dev/null.)
 fn smoke_command(env: &Prepared) -> Result<String> {
+    util::run_step("build", env.cargo().args(["build", "--bins"]))?;
     let target = util::target_dir(env.cargo())?.join("debug");
     let tracer = target.join("tracer");
     let fixture = target.join("tcp-fixture");
     anyhow::ensure!(
         tracer.is_file() && fixture.is_file(),
-        "build first: `cargo build --bins` (needs {} and {})",
+        "step 'build' did not produce {} and {}",
         tracer.display(),
         fixture.display()
     );
@@ -274,14 +317,14 @@ fn smoke_command(env: &Prepared) -> Result<String> {
          {t} live --json --leak-after 1s --duration 25s > /tmp/out.jsonl 2> /tmp/err.txt & tp=$!; \
          for i in $(seq 100); do grep -q '\"type\":\"start\"' /tmp/out.jsonl 2>/dev/null && break; sleep 0.3; done; \
          {f} server --listen 127.0.0.1:7777 --reply 26 > /dev/null & sleep 1; \
-         {f} client --connect 127.0.0.1:7777 --count 2 --mode leak --hold-secs 60 > /dev/null & \
+         sleep 60 | {f} client --connect 127.0.0.1:7777 --count 2 --mode leak --hold-secs 60 > /dev/null & \
          wait $tp; rc=$?; echo \"smoke: tracer exited with $rc\"; cat /tmp/err.txt; head -c 600 /tmp/out.jsonl; echo; \
          n=$(grep -c '\"type\":\"leak\".*:7777' /tmp/out.jsonl); \
          echo \"smoke: $n leaks to 127.0.0.1:7777 reported\"; test \"$rc\" = 0 && test \"$n\" = 2"
     ))
 }
 
-fn shell_join(words: &[String]) -> String {
+pub fn shell_join(words: &[String]) -> String {
     words
         .iter()
         .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
@@ -289,13 +332,17 @@ fn shell_join(words: &[String]) -> String {
         .join(" ")
 }
 
-/// Boots `kernel` and runs `cmd` (a shell command line) in it; its exit
-/// code, read from the marker line.
-fn boot(vng: &Path, kernel: &Kernel, memory: &str, cmd: &str) -> Result<i32> {
-    let script = format!("({cmd}); echo {EXIT_MARKER} $?");
-    let mut c = Command::new(vng);
+/// Boots the guest's kernel and runs `cmd` (a shell command line) in it,
+/// its output and exit code into `out` (a directory the guest may write).
+///
+/// The console goes to our stdout for boot diagnostics only: it is lossy
+/// at volume, and qemu's own exit code says nothing of the command's.
+fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
+    let o = out.display();
+    let script = format!("({cmd}) > {o}/log 2>&1; echo $? > {o}/exit");
+    let mut c = Command::new(&guest.vng);
     c.arg("--run")
-        .arg(&kernel.image)
+        .arg(&guest.kernel.image)
         .args([
             "--force-9p",
             "--user",
@@ -305,39 +352,34 @@ fn boot(vng: &Path, kernel: &Kernel, memory: &str, cmd: &str) -> Result<i32> {
             "2",
             "--verbose",
         ])
-        .args(["--memory", memory])
+        .args(["--memory", &guest.memory])
+        .arg("--rwdir")
+        .arg(out)
         .arg("--exec")
         .arg(&script)
         .env(
             "PATH",
             format!(
                 "{}:{}",
-                vng.parent().expect("venv bin").display(),
+                guest.vng.parent().expect("venv bin").display(),
                 std::env::var("PATH").unwrap_or_default()
             ),
         )
         .stdin(Stdio::null());
-    // The console (with the command's output) comes on either stream
-    // depending on virtme-ng's mode: both into one pipe (qemu reopens its
-    // outputs with truncation, so a pipe, never a file).
+    // The console comes on either stream depending on virtme-ng's mode:
+    // both into one pipe (qemu reopens its outputs with truncation, so a
+    // pipe, never a file).
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     c.stdout(writer.try_clone().context("duplicating a pipe")?)
         .stderr(writer);
-    eprintln!("==> booting {} under qemu (TCG)", kernel.image.display());
+    eprintln!("==> booting {} under qemu (TCG)", guest.kernel.image.display());
     let mut child = c.spawn().context("starting virtme-ng (vng)")?;
     // Our copies of the write end must go, or the read never ends.
     drop(c);
-    let mut code = None;
     for line in BufReader::new(reader).lines() {
-        let line = line.context("reading the guest's console")?;
-        println!("{line}");
-        if let Some(rest) = line.trim().strip_prefix(EXIT_MARKER) {
-            code = rest.trim().parse::<i32>().ok();
-        }
+        println!("{}", line.context("reading the guest's console")?);
     }
     let status = child.wait().context("waiting for qemu")?;
-    match code {
-        Some(c) => Ok(c),
-        None => bail!("the guest printed no exit marker (qemu: {status}): it did not boot, or the command hung"),
-    }
+    eprintln!("==> qemu exited: {status}");
+    Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod hooks;
 pub mod offsets;
 pub mod tracefs;
+pub mod verifier;
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 
@@ -188,6 +189,15 @@ impl Kernel {
                     lost: None,
                 }),
                 Err(e) if hook.required => {
+                    if let Some(r) = e.downcast_ref::<Rejected>() {
+                        if let Some((helper, since)) = r.missing {
+                            anyhow::bail!(
+                                "this kernel ({}) is too old for tracer: its eBPF verifier does not offer {helper} to tracing programs (Linux {since}+); tracer needs Linux {} or newer, with BTF (see README, Requirements)",
+                                release(),
+                                verifier::MIN_KERNEL
+                            );
+                        }
+                    }
                     return Err(privilege_hint(e, &format!("attaching {}", hook.target())));
                 }
                 Err(e) => {
@@ -400,27 +410,58 @@ fn attach(ebpf: &mut Ebpf, hook: &hooks::Hook, btf: &aya::Btf) -> Result<()> {
     match hook.attach {
         Attach::BtfTracepoint(name) => {
             let p: &mut BtfTracePoint = prog.try_into()?;
-            p.load(name, btf).map_err(verifier_detail)?;
+            p.load(name, btf).map_err(|e| rejected(hook, e))?;
             p.attach()?;
         }
         Attach::Tracepoint(category, name) => {
             tracefs::ensure_mounted()?;
             let p: &mut TracePoint = prog.try_into()?;
-            p.load().map_err(verifier_detail)?;
+            p.load().map_err(|e| rejected(hook, e))?;
             p.attach(category, name)?;
         }
     }
     Ok(())
 }
 
-/// Keeps the verifier log (the useful part) in the error chain.
-fn verifier_detail(e: aya::programs::ProgramError) -> anyhow::Error {
+/// A program the verifier refused, in one line: why, and the helper this
+/// kernel lacks if that was why. The whole log goes to the debug log.
+#[derive(Debug)]
+struct Rejected {
+    reason: String,
+    missing: Option<(&'static str, &'static str)>,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the eBPF verifier rejected it: {}", self.reason)?;
+        if let Some((helper, since)) = self.missing {
+            write!(f, " ({helper} came to tracing programs in Linux {since})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+fn rejected(hook: &hooks::Hook, e: aya::programs::ProgramError) -> anyhow::Error {
     match e {
         aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
-            anyhow!("{io_error}\nverifier log:\n{verifier_log}")
+            let log = verifier_log.to_string();
+            log::debug!("{}: {io_error}; verifier log:\n{log}", hook.target());
+            anyhow!(Rejected {
+                reason: verifier::reason(&log),
+                missing: verifier::missing_helper(&log),
+            })
         }
         other => anyhow!(other),
     }
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_string())
+        .unwrap_or_else(|_| "unknown release".into())
 }
 
 /// Turns EPERM/EACCES into the one thing a user needs to know.
@@ -429,7 +470,7 @@ fn privilege_hint(e: anyhow::Error, doing: &str) -> anyhow::Error {
     // The verifier answers EACCES too, for a program it rejects: its log
     // says why, and that is not a missing privilege.
     let refused = text.contains("Operation not permitted") || text.contains("Permission denied");
-    if refused && !text.contains("verifier log") {
+    if refused && e.downcast_ref::<Rejected>().is_none() {
         anyhow!(
             "{doing} was refused by the kernel: tracer needs CAP_BPF and CAP_PERFMON (a container or security module can withhold them, even from root): run it as root, or grant CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH,CAP_CHECKPOINT_RESTORE (see README, Requirements)"
         )

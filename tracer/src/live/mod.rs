@@ -158,7 +158,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         follow,
     );
 
-    let snap = snapshot_inputs(&mut kernel, args.pid, follow.is_some())?;
+    let (snap, snapshot_error) = snapshot_inputs(&mut kernel, args.pid, follow.is_some())?;
     let preexisting = snap.sockets.len();
     for pid in snap
         .sockets
@@ -178,6 +178,8 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         filter_pid: args.pid,
         leak_after_ms: leak_after_ns / 1_000_000,
         preexisting_sockets: preexisting,
+        kernel: Some(crate::kernel::release()),
+        snapshot_error,
     })?;
     if let Output::Record { path, rotate, .. } = &output {
         let to = match rotate {
@@ -319,7 +321,7 @@ fn procfs_uname() -> (String, String) {
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     };
-    (read("/proc/sys/kernel/hostname"), read("/proc/sys/kernel/osrelease"))
+    (read("/proc/sys/kernel/hostname"), crate::kernel::release())
 }
 
 fn size(bytes: u64) -> String {
@@ -343,12 +345,26 @@ fn output_error(e: io::Error) -> Result<&'static str> {
 /// sends their leaving it, even when it saw them enter it, between
 /// attaching and the snapshot) and read again: one that left CLOSE_WAIT
 /// before it was added is dropped, or it would stay there for ever.
-fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>, follow: bool) -> Result<SnapshotInput> {
+/// Without sock_diag (its modules not loadable) tracing goes on without
+/// them, and the reason is returned.
+fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>, follow: bool) -> Result<(SnapshotInput, Option<String>)> {
     // Stamped *before* reading: every event after this stamp is applied on
     // top of the snapshot (replaying a change the dump already saw is
     // harmless; ignoring one it missed would keep a closed socket alive).
     let mut ns = clock::monotonic_ns();
-    let mut snap = snapshot::take(pid).context("reading existing sockets (sock_diag)")?;
+    let mut snap = match snapshot::take(pid) {
+        Ok(snap) => snap,
+        Err(e) => {
+            // Degrade, don't die: new sockets are still traced. The sink
+            // says so (start line, banner).
+            let why = format!("sock_diag: {e:#}; are the inet_diag and tcp_diag modules loadable?");
+            let none = SnapshotInput {
+                ns,
+                sockets: Vec::new(),
+            };
+            return Ok((none, Some(why)));
+        }
+    };
     if let Some(pid) = pid {
         for s in &snap {
             kernel.watch(s.cookie, pid);
@@ -370,7 +386,7 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>, follow: bool) -> Resul
             .collect();
         snap.retain(|s| s.state != tcp::CLOSE_WAIT || still.contains(&s.cookie));
     }
-    Ok(SnapshotInput { ns, sockets: snap })
+    Ok((SnapshotInput { ns, sockets: snap }, None))
 }
 
 /// The agent keeps an fd per cached process (`/proc/PID/mem`) besides its

@@ -309,6 +309,8 @@ pub(super) fn live_start() -> Start {
         filter_pid: None,
         leak_after_ms: LEAK_AFTER_MS,
         preexisting_sockets: 1,
+        kernel: None,
+        snapshot_error: None,
     }
 }
 
@@ -320,6 +322,8 @@ fn report_session() -> String {
         filter_pid: Some(JAVA.pid),
         leak_after_ms: LEAK_AFTER_MS,
         preexisting_sockets: 0,
+        kernel: None,
+        snapshot_error: None,
     };
     let mut inputs = java_connect();
     inputs.extend([

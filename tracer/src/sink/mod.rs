@@ -30,6 +30,13 @@ pub struct Start {
     pub filter_pid: Option<u32>,
     pub leak_after_ms: u64,
     pub preexisting_sockets: usize,
+    /// The running kernel's release (live tracing only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Why existing sockets could not be read (sock_diag), if they could
+    /// not: tracing goes on without them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_error: Option<String>,
 }
 
 /// One kernel event, for `--events`.

@@ -183,12 +183,23 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             Some(pid) => format!("pid {pid}"),
             None => "every process".into(),
         };
+        let on = s
+            .kernel
+            .as_deref()
+            .map(|k| format!(" on Linux {k}"))
+            .unwrap_or_default();
         writeln!(
             self.err,
-            "tracer: watching TCP sockets of {scope}; a socket in CLOSE_WAIT for {} is a leak; {} sockets already open",
+            "tracer: watching TCP sockets of {scope}{on}; a socket in CLOSE_WAIT for {} is a leak; {} sockets already open",
             secs(s.leak_after_ms),
             s.preexisting_sockets
         )?;
+        if let Some(e) = &s.snapshot_error {
+            writeln!(
+                self.err,
+                "tracer: warning: existing sockets unread ({e}); lost: leaks older than tracer, and leak evidence"
+            )?;
+        }
         for h in s.hooks.iter().filter(|h| !h.attached) {
             writeln!(
                 self.err,

@@ -62,6 +62,8 @@ impl ProcessContext {
         ctx.jvm = match Jvm::attach(pid) {
             Ok(None) => None,
             Ok(Some(j)) => Some(Ok(j)),
+            // Gone since its event: nothing to name, and nothing to warn of.
+            Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => None,
             Err(e) => {
                 log::warn!("pid {pid} runs a JVM whose frames cannot be named: {e:#}");
                 Some(Err(format!("{e:#}")))

@@ -1,0 +1,118 @@
+//! What a verifier rejection means, in one line: the reason out of a log
+//! of thousands, and, when the reason is a kernel that lacks a helper this
+//! tracer calls, which Linux release brought it.
+
+/// The oldest kernel the eBPF programs load on: it is the first with every
+/// helper of [`HELPERS`] that a required hook calls (`bpf_task_pt_regs`
+/// came last), and the kernel's BTF is required besides.
+pub const MIN_KERNEL: &str = "5.15";
+
+/// Helpers the programs call, by the name and number the verifier prints,
+/// and the release that let tracing programs call them.
+const HELPERS: &[(&str, u32, &str)] = &[
+    ("bpf_ringbuf_output", 130, "5.8"),
+    ("bpf_ringbuf_query", 134, "5.8"),
+    ("bpf_get_current_task_btf", 158, "5.11"),
+    ("bpf_get_socket_cookie", 46, "5.12"),
+    ("bpf_task_pt_regs", 175, "5.15"),
+    ("bpf_loop", 181, "5.17"),
+];
+
+/// The verifier's phrases for a helper it does not offer this program;
+/// `unknown` is what it calls a helper number it has never heard of.
+const MISSING_HELPER: &[&str] = &[
+    "unknown func ",
+    "invalid func ",
+    "program of this type cannot use helper ",
+];
+
+/// Statistics the verifier appends after its reason.
+const TRAILER: &[&str] = &[
+    "processed ",
+    "verification time",
+    "stack depth",
+    "max_states_per_insn",
+    "mark_read",
+];
+
+/// The line that says why the program was rejected: the last one before
+/// the statistics, from the first known phrase on (the verifier appends
+/// some reasons to the instruction it stopped at).
+pub fn reason(log: &str) -> String {
+    let line = log
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !TRAILER.iter().any(|t| l.starts_with(t)))
+        .unwrap_or("(empty verifier log)");
+    const KNOWN: &[&str] = &["BPF program is too large", "combined stack size"];
+    let from = KNOWN
+        .iter()
+        .chain(MISSING_HELPER)
+        .filter_map(|p| line.find(p))
+        .min()
+        .unwrap_or(0);
+    let mut r = line[from..].to_string();
+    if r.len() > 200 {
+        let mut end = 200;
+        while !r.is_char_boundary(end) {
+            end -= 1;
+        }
+        r.truncate(end);
+        r.push('…');
+    }
+    r
+}
+
+/// A helper the kernel does not offer: its name and the release that
+/// brought it to tracing programs.
+pub fn missing_helper(log: &str) -> Option<(&'static str, &'static str)> {
+    log.lines().find_map(|line| {
+        let rest = MISSING_HELPER.iter().find_map(|p| line.split_once(p).map(|(_, r)| r))?;
+        let (name, number) = rest.trim().split_once('#')?;
+        let number: u32 = number.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()?;
+        HELPERS
+            .iter()
+            .find(|(n, id, _)| *n == name || *id == number)
+            .map(|(n, _, v)| (*n, *v))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of 5.10's log for the state hook (Debian 5.10.0-46).
+    const OLD_KERNEL: &str = "reg type unsupported for arg#0 function inet_sock_set_state#27\n\
+        0: R1=ctx(id=0,off=0,imm=0) R10=fp0\n\
+        ; let sk: *const c_void = ctx.arg(0);\n\
+        12: (85) call bpf_get_socket_cookie#46\n\
+        unknown func bpf_get_socket_cookie#46\n\
+        processed 12 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0\n";
+
+    #[test]
+    fn names_the_missing_helper_and_its_release() {
+        assert_eq!(reason(OLD_KERNEL), "unknown func bpf_get_socket_cookie#46");
+        assert_eq!(missing_helper(OLD_KERNEL), Some(("bpf_get_socket_cookie", "5.12")));
+    }
+
+    #[test]
+    fn a_helper_number_the_kernel_never_heard_of() {
+        let log = "7: (85) call unknown#181\ninvalid func unknown#181\nprocessed 7 insns\n";
+        assert_eq!(missing_helper(log), Some(("bpf_loop", "5.17")));
+    }
+
+    #[test]
+    fn reason_appended_to_an_instruction() {
+        let log = "615: (2d) if r1 > r0 goto pc+1 BPF program is too large. Processed 1000001 insn\n\
+                   verification time 27859545 usec\nstack depth 360+0\n\
+                   processed 1000001 insns (limit 1000000) max_states_per_insn 119\n";
+        assert_eq!(reason(log), "BPF program is too large. Processed 1000001 insn");
+        assert_eq!(missing_helper(log), None);
+    }
+
+    #[test]
+    fn stack_too_deep() {
+        let log = "combined stack size of 2 calls is 608. Too large\nverification time 9 usec\n";
+        assert_eq!(reason(log), "combined stack size of 2 calls is 608. Too large");
+    }
+}

@@ -1,0 +1,142 @@
+//! `cargo xtask test`'s run on other kernels: the integration tests that
+//! cover live tracing, `--pid`, pre-existing sockets, evidence and record,
+//! built here and run inside each of Debian's kernels under qemu (see
+//! vm.rs), with the tracer under test.
+//!
+//! Kernels older than the tracer's minimum are tested for what users get
+//! there: one line that says what is missing, and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{bail, Context, Result};
+
+use crate::setup::Prepared;
+use crate::util;
+use crate::vm::{self, Guest};
+
+/// The kernels CI boots, each the newest of its Debian series: Debian 12's
+/// (6.1), its backports' (6.12), and Debian 11's (5.10, below the minimum).
+pub const DEFAULT: &[&str] = &["6.1", "6.12", "5.10"];
+
+/// Kernels the tracer does not run on (older than
+/// `tracer::kernel::verifier::MIN_KERNEL`).
+const TOO_OLD: &[&str] = &["5.10"];
+
+/// The integration tests run in a guest: live (host-wide, `--pid`,
+/// pre-existing), `--pid` watching, evidence, and record/report.
+const SUBSET: &[&str] = &["live", "pid_watch", "evidence", "recording_live"];
+
+/// How much longer the tests wait for anything in a guest: software
+/// emulation runs programs 10–15 times slower (the tracer starts in ~30 s
+/// instead of ~3 s).
+const SLOWDOWN: u32 = 15;
+
+/// Guest memory: enough for the tracer, its fixtures and the tests.
+const MEMORY: &str = "2G";
+
+pub fn run(env: &Prepared, tracer: &Path, versions: &[String]) -> Result<()> {
+    let tests = build_tests(env)?;
+    let mut failed = Vec::new();
+    for version in versions {
+        let guest = Guest::prepare(env, version, MEMORY)?;
+        let started = std::time::Instant::now();
+        let cmd = if TOO_OLD.contains(&version.as_str()) {
+            too_old_script(tracer)
+        } else {
+            tests_script(tracer, &tests)
+        };
+        let code = guest.run(&cmd)?;
+        eprintln!(
+            "==> kernel {version}: exit code {code} after {}s",
+            started.elapsed().as_secs()
+        );
+        if code != 0 {
+            failed.push(version.as_str());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("step 'kernels' failed: the guest run failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Builds the subset's test binaries; their paths.
+fn build_tests(env: &Prepared) -> Result<Vec<PathBuf>> {
+    let mut cmd = env.cargo();
+    cmd.args(["test", "-p", "tracer-tests", "--no-run", "--message-format=json"]);
+    for t in SUBSET {
+        cmd.args(["--test", t]);
+    }
+    eprintln!("==> {}", util::display(&cmd));
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null())
+        .output()
+        .context("running cargo test --no-run")?;
+    anyhow::ensure!(out.status.success(), "step 'build tests' failed: {}", out.status);
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = msg["target"]["name"].as_str().unwrap_or_default();
+        if let (Some(exe), true) = (msg["executable"].as_str(), SUBSET.contains(&name)) {
+            bins.push(PathBuf::from(exe));
+        }
+    }
+    anyhow::ensure!(
+        bins.len() == SUBSET.len(),
+        "cargo built {} of the {} test binaries {SUBSET:?}",
+        bins.len(),
+        SUBSET.len()
+    );
+    Ok(bins)
+}
+
+/// The environment every guest command gets: CI (a missing prerequisite
+/// fails), the tracer under test (the tests find tcp-fixture next to their
+/// own binaries, in target/debug), and the kernel's module loader pointed
+/// at the host's modprobe (the guest has no udev, and sock_diag's modules
+/// load on first use).
+fn preamble(tracer: &Path) -> String {
+    format!(
+        "uname -r; export CI=true TRACER_BIN={} TRACER_TEST_SLOWDOWN={SLOWDOWN} RUST_BACKTRACE=1; \
+         m=$(command -v modprobe) && echo $m > /proc/sys/kernel/modprobe; cd /tmp; ",
+        quote(tracer)
+    )
+}
+
+/// Each test binary, one test at a time (the guest has 2 emulated CPUs,
+/// and the tests trace host-wide); the count of failed binaries.
+fn tests_script(tracer: &Path, tests: &[PathBuf]) -> String {
+    let mut s = preamble(tracer);
+    s.push_str("failed=0; ");
+    for t in tests {
+        s.push_str(&format!(
+            "echo \"== {name}\"; {bin} --test-threads=1 || failed=$((failed+1)); ",
+            name = t.file_name().unwrap_or_default().to_string_lossy(),
+            bin = quote(t)
+        ));
+    }
+    s.push_str("echo \"== $failed test binaries failed\"; test $failed = 0");
+    s
+}
+
+/// A kernel below the minimum: tracer must exit non-zero with one line on
+/// stderr that names the missing helper and the minimum release.
+fn too_old_script(tracer: &Path) -> String {
+    let mut s = preamble(tracer);
+    s.push_str(&format!(
+        "{t} live --duration 5s > /tmp/out 2> /tmp/err; rc=$?; \
+         echo \"tracer exited with $rc; stderr:\"; cat /tmp/err; \
+         test $rc != 0 && test $(grep -c . /tmp/err) = 1 && \
+         grep -q 'does not offer bpf_[a-z_]* to tracing programs (Linux [0-9.]*+); tracer needs Linux [0-9.]* or newer' /tmp/err",
+        t = quote(tracer)
+    ));
+    s
+}
+
+fn quote(p: &Path) -> String {
+    vm::shell_join(&[p.display().to_string()])
+}
