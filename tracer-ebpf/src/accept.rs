@@ -10,14 +10,10 @@ use crate::{config, emit, fdsock, follow, maps, maps::Counters};
 /// Offset of `long ret` in the `sys_exit_*` tracepoint record.
 const RET_OFFSET: usize = 16;
 
+/// Attached to `sys_exit_accept` too (see kernel/hooks.rs): one program,
+/// verified once, for both.
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    handle(&ctx);
-    0
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     handle(&ctx);
     0
 }

@@ -131,7 +131,7 @@ pub fn run() -> Result<Prepared> {
 /// one command covering everything that needs root.
 fn ensure_apt_packages(path: &mut SearchPath) -> Result<()> {
     // Each package with the extra `apt-get install` arguments it needs.
-    let apt: [(&str, &[&str], CheckFn); 5] = [
+    let apt: [(&str, &[&str], CheckFn); 8] = [
         (LLVM_PACKAGE, &[], check_llvm),
         ("iproute2", &[], check_ss),
         (JDK_PACKAGE, &[], check_jdk),
@@ -139,6 +139,12 @@ fn ensure_apt_packages(path: &mut SearchPath) -> Result<()> {
         // started as a service where systemd runs, that no test uses.
         ("prometheus", &["--no-install-recommends"], check_prometheus),
         ("systemd", &[], check_systemd_analyze),
+        // `cargo xtask test` boots other kernels (xtask/src/vm.rs): qemu,
+        // busybox for virtme-ng's initramfs, depmod for the unpacked
+        // modules (and modprobe inside the guest, for sock_diag's).
+        ("qemu-system-x86", &["--no-install-recommends"], check_qemu),
+        ("busybox-static", &[], check_busybox),
+        ("kmod", &[], check_kmod),
     ];
     let mut missing = Vec::new();
     for (package, extra, check) in apt {
@@ -325,6 +331,30 @@ fn promtool_version(text: &str) -> Option<String> {
 
 /// The deployment tests check deploy/tracer.service with `systemd-analyze
 /// verify`. A machine that boots systemd has it; a container image may not.
+fn check_qemu(path: &mut SearchPath) -> Check {
+    check_binary(path, "qemu-system-x86_64")
+}
+
+fn check_busybox(path: &mut SearchPath) -> Check {
+    check_binary(path, "busybox")
+}
+
+fn check_kmod(path: &mut SearchPath) -> Check {
+    check_binary(path, "depmod")
+}
+
+/// A program that is there or not (its version does not matter).
+fn check_binary(path: &mut SearchPath, name: &str) -> Check {
+    let dirs = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from);
+    let Some(bin) = find_on_path(name).or_else(|| find_in(name, dirs)) else {
+        return Check::Missing(format!("`{name}` not found"));
+    };
+    if let Some(dir) = bin.parent() {
+        path.append(dir);
+    }
+    Check::Ok(bin.display().to_string())
+}
+
 fn check_systemd_analyze(path: &mut SearchPath) -> Check {
     let dirs = ["/usr/bin", "/bin"].map(PathBuf::from);
     let Some(analyze) = find_on_path("systemd-analyze").or_else(|| find_in("systemd-analyze", dirs)) else {

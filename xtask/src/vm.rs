@@ -18,6 +18,7 @@
 //! which is what counts: no exit code there is a failure.
 
 use std::io::{BufRead as _, BufReader};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -28,15 +29,6 @@ use crate::util;
 
 /// virtme-ng's release known to work here (PyPI).
 const VIRTME_NG: &str = "virtme-ng==1.42";
-/// Host packages the guest needs: qemu itself, busybox for virtme-ng's
-/// initramfs, depmod to index the unpacked modules (and modprobe inside the
-/// guest, through the shared root, for sock_diag's modules).
-const HOST_PACKAGES: [(&str, &str); 3] = [
-    ("qemu-system-x86", "qemu-system-x86_64"),
-    ("busybox-static", "busybox"),
-    ("kmod", "depmod"),
-];
-
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Which kernel: 5.10 (Debian 11), 6.1 (Debian 12) or 6.12 (Debian 12
@@ -73,13 +65,13 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Installs what booting needs and fetches the kernel `version`.
+    /// Installs virtme-ng and fetches the kernel `version` (`setup` has
+    /// installed qemu, busybox and kmod).
     pub fn prepare(env: &Prepared, version: &str, memory: &str) -> Result<Self> {
         anyhow::ensure!(
             util::is_root(),
             "booting a kernel under qemu here needs root (apt, /dev access)"
         );
-        ensure_host_packages()?;
         let work = util::target_dir(env.cargo())?.join("vm");
         std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
         Ok(Self {
@@ -111,28 +103,6 @@ impl Guest {
             anyhow::anyhow!("the guest left no exit code: it did not boot, or the command hung or was killed")
         })
     }
-}
-
-fn ensure_host_packages() -> Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES
-        .iter()
-        .filter(|(_, bin)| util::find_on_path(bin).is_none() && util::find_in(bin, sbin_dirs()).is_none())
-        .map(|(p, _)| *p)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    util::run_step("update apt package index", &mut setup::apt_get(&["update"]))?;
-    let mut args = vec!["install", "-y", "--no-install-recommends"];
-    args.extend(&missing);
-    util::run_step(&format!("install {}", missing.join(" ")), &mut setup::apt_get(&args))
-}
-
-fn sbin_dirs() -> Vec<PathBuf> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(PathBuf::from)
-        .collect()
 }
 
 /// virtme-ng in a venv of Debian's python3 (not a pyenv shim: programs
@@ -296,10 +266,8 @@ fn version_key(name: &str) -> Vec<u64> {
         .collect()
 }
 
-/// `tracer live --json` traces while a fixture client leaks two sockets to
-/// a fixture server; the guest checks that both leaks are reported. (The
-/// client holds its sockets until stdin ends: a pipe that stays open, as a
-/// background job's stdin is /dev/null.)
+/// The smoke scenario (see [`leak_scenario`]) with the binaries of a
+/// fresh build.
 fn smoke_command(env: &Prepared) -> Result<String> {
     util::run_step("build", env.cargo().args(["build", "--bins"]))?;
     let target = util::target_dir(env.cargo())?.join("debug");
@@ -311,17 +279,26 @@ fn smoke_command(env: &Prepared) -> Result<String> {
         tracer.display(),
         fixture.display()
     );
+    Ok(format!("uname -r; {}", leak_scenario(&tracer, &fixture, "true")))
+}
+
+/// `tracer live --json` traces while a fixture client leaks two sockets to
+/// a fixture server: succeeds if the tracer exits 0, reports both leaks,
+/// and the shell condition `check` holds (it may read the tracer's
+/// output, /tmp/out.jsonl, and stderr, /tmp/err.txt). The client holds
+/// its sockets until stdin ends: a pipe that stays open, as a background
+/// job's stdin is /dev/null.
+pub fn leak_scenario(tracer: &Path, fixture: &Path, check: &str) -> String {
     let (t, f) = (tracer.display(), fixture.display());
-    Ok(format!(
-        "uname -r; \
-         {t} live --json --leak-after 1s --duration 25s > /tmp/out.jsonl 2> /tmp/err.txt & tp=$!; \
-         for i in $(seq 100); do grep -q '\"type\":\"start\"' /tmp/out.jsonl 2>/dev/null && break; sleep 0.3; done; \
-         {f} server --listen 127.0.0.1:7777 --reply 26 > /dev/null & sleep 1; \
+    format!(
+        "{t} live --json --leak-after 1s --duration 25s > /tmp/out.jsonl 2> /tmp/err.txt & tp=$!; \
+         for i in $(seq 300); do grep -q '\"type\":\"start\"' /tmp/out.jsonl 2>/dev/null && break; sleep 0.3; done; \
+         {f} server --listen 127.0.0.1:7777 --reply 26 > /dev/null & sp=$!; sleep 1; \
          sleep 60 | {f} client --connect 127.0.0.1:7777 --count 2 --mode leak --hold-secs 60 > /dev/null & \
-         wait $tp; rc=$?; echo \"smoke: tracer exited with $rc\"; cat /tmp/err.txt; head -c 600 /tmp/out.jsonl; echo; \
+         wait $tp; rc=$?; kill $sp; echo \"scenario: tracer exited with $rc\"; cat /tmp/err.txt; head -c 600 /tmp/out.jsonl; echo; \
          n=$(grep -c '\"type\":\"leak\".*:7777' /tmp/out.jsonl); \
-         echo \"smoke: $n leaks to 127.0.0.1:7777 reported\"; test \"$rc\" = 0 && test \"$n\" = 2"
-    ))
+         echo \"scenario: $n leaks to 127.0.0.1:7777 reported\"; test \"$rc\" = 0 && test \"$n\" = 2 && {check}"
+    )
 }
 
 pub fn shell_join(words: &[String]) -> String {
@@ -339,7 +316,11 @@ pub fn shell_join(words: &[String]) -> String {
 /// at volume, and qemu's own exit code says nothing of the command's.
 fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
     let o = out.display();
-    let script = format!("({cmd}) > {o}/log 2>&1; echo $? > {o}/exit");
+    // In a file: virtme-ng passes --exec on the kernel command line, whose
+    // 2048 bytes a long command overflows (the kernel then panics at boot).
+    let script = out.join("script.sh");
+    std::fs::write(&script, format!("({cmd}) > {o}/log 2>&1; echo $? > {o}/exit\n"))
+        .with_context(|| format!("writing {}", script.display()))?;
     let mut c = Command::new(&guest.vng);
     c.arg("--run")
         .arg(&guest.kernel.image)
@@ -356,7 +337,7 @@ fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
         .arg("--rwdir")
         .arg(out)
         .arg("--exec")
-        .arg(&script)
+        .arg(format!("sh {}", script.display()))
         .env(
             "PATH",
             format!(
@@ -365,7 +346,10 @@ fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
                 std::env::var("PATH").unwrap_or_default()
             ),
         )
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        // Its own process group, which the watchdog kills whole: vng
+        // starts virtme-run, which execs qemu.
+        .process_group(0);
     // The console comes on either stream depending on virtme-ng's mode:
     // both into one pipe (qemu reopens its outputs with truncation, so a
     // pipe, never a file).
@@ -376,10 +360,34 @@ fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
     let mut child = c.spawn().context("starting virtme-ng (vng)")?;
     // Our copies of the write end must go, or the read never ends.
     drop(c);
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    watchdog(child.id(), finished.clone());
     for line in BufReader::new(reader).lines() {
         println!("{}", line.context("reading the guest's console")?);
     }
     let status = child.wait().context("waiting for qemu")?;
+    finished.store(true, std::sync::atomic::Ordering::Relaxed);
     eprintln!("==> qemu exited: {status}");
     Ok(())
+}
+
+/// Longest a guest may run: a kernel that hangs (or panics before its
+/// `panic=` option is read) would otherwise hold CI until its limit.
+const GUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Kills virtme-ng's process group (qemu) if it outlives [`GUEST_TIMEOUT`].
+fn watchdog(pid: u32, finished: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+            if started.elapsed() > GUEST_TIMEOUT {
+                eprintln!("error: the guest ran for over {GUEST_TIMEOUT:?}: killing qemu");
+                // SAFETY: plain syscall; the pid is our child's, not reaped
+                // yet (`finished` is set only after the wait).
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    });
 }

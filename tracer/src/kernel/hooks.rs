@@ -12,7 +12,10 @@ pub enum Attach {
 
 #[derive(Clone, Copy, Debug)]
 pub struct Hook {
-    /// Program (function) name in the eBPF object.
+    /// The hook's name, as the `start` output shows it.
+    pub name: &'static str,
+    /// Program (function) name in the eBPF object. One program may serve
+    /// several hooks: it is loaded (and verified) once.
     pub program: &'static str,
     pub attach: Attach,
     /// Without a required hook there is nothing to trace.
@@ -23,30 +26,36 @@ pub struct Hook {
 
 pub const HOOKS: &[Hook] = &[
     Hook {
+        name: "inet_sock_set_state",
         program: "inet_sock_set_state",
         attach: Attach::BtfTracepoint("inet_sock_set_state"),
         required: true,
         purpose: "TCP state changes",
     },
     Hook {
+        name: "sys_exit_accept4",
         program: "sys_exit_accept4",
         attach: Attach::Tracepoint("syscalls", "sys_exit_accept4"),
         required: false,
         purpose: "owner of accepted sockets",
     },
     Hook {
-        program: "sys_exit_accept",
+        name: "sys_exit_accept",
+        // The same record layout as accept4's exit (`long ret`).
+        program: "sys_exit_accept4",
         attach: Attach::Tracepoint("syscalls", "sys_exit_accept"),
         required: false,
         purpose: "owner of accepted sockets",
     },
     Hook {
+        name: "sys_enter_close",
         program: "sys_enter_close",
         attach: Attach::Tracepoint("syscalls", "sys_enter_close"),
         required: false,
         purpose: "which thread and fd closed a socket",
     },
     Hook {
+        name: "sys_enter_close_range",
         program: "sys_enter_close_range",
         attach: Attach::Tracepoint("syscalls", "sys_enter_close_range"),
         required: false,

@@ -183,16 +183,16 @@ impl Kernel {
             let result = attach(&mut ebpf, hook, &btf);
             match result {
                 Ok(()) => hooks.push(HookStatus {
-                    hook: hook.program,
+                    hook: hook.name,
                     attached: true,
                     error: None,
                     lost: None,
                 }),
                 Err(e) if hook.required => {
                     if let Some(r) = e.downcast_ref::<Rejected>() {
-                        if let Some((helper, since)) = r.missing {
+                        if let Some((what, since)) = &r.missing {
                             anyhow::bail!(
-                                "this kernel ({}) is too old for tracer: its eBPF verifier does not offer {helper} to tracing programs (Linux {since}+); tracer needs Linux {} or newer, with BTF (see README, Requirements)",
+                                "this kernel ({}) is too old for tracer: its eBPF verifier lacks {what} (Linux {since}+); tracer needs Linux {} or newer, with BTF (see README, Requirements)",
                                 release(),
                                 verifier::MIN_KERNEL
                             );
@@ -203,7 +203,7 @@ impl Kernel {
                 Err(e) => {
                     log::warn!("{} not attached ({e:#}); lost: {}", hook.target(), hook.purpose);
                     hooks.push(HookStatus {
-                        hook: hook.program,
+                        hook: hook.name,
                         attached: false,
                         error: Some(format!("{e:#}")),
                         lost: Some(hook.purpose),
@@ -416,7 +416,9 @@ fn attach(ebpf: &mut Ebpf, hook: &hooks::Hook, btf: &aya::Btf) -> Result<()> {
         Attach::Tracepoint(category, name) => {
             tracefs::ensure_mounted()?;
             let p: &mut TracePoint = prog.try_into()?;
-            p.load().map_err(|e| rejected(hook, e))?;
+            if p.fd().is_err() {
+                p.load().map_err(|e| rejected(hook, e))?;
+            }
             p.attach(category, name)?;
         }
     }
@@ -428,14 +430,14 @@ fn attach(ebpf: &mut Ebpf, hook: &hooks::Hook, btf: &aya::Btf) -> Result<()> {
 #[derive(Debug)]
 struct Rejected {
     reason: String,
-    missing: Option<(&'static str, &'static str)>,
+    missing: Option<(String, &'static str)>,
 }
 
 impl std::fmt::Display for Rejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "the eBPF verifier rejected it: {}", self.reason)?;
-        if let Some((helper, since)) = self.missing {
-            write!(f, " ({helper} came to tracing programs in Linux {since})")?;
+        if let Some((what, since)) = &self.missing {
+            write!(f, " ({what}: Linux {since}+)")?;
         }
         Ok(())
     }
@@ -450,7 +452,7 @@ fn rejected(hook: &hooks::Hook, e: aya::programs::ProgramError) -> anyhow::Error
             log::debug!("{}: {io_error}; verifier log:\n{log}", hook.target());
             anyhow!(Rejected {
                 reason: verifier::reason(&log),
-                missing: verifier::missing_helper(&log),
+                missing: verifier::missing_feature(&log),
             })
         }
         other => anyhow!(other),

@@ -1,6 +1,6 @@
 //! What a verifier rejection means, in one line: the reason out of a log
-//! of thousands, and, when the reason is a kernel that lacks a helper this
-//! tracer calls, which Linux release brought it.
+//! of thousands, and, when the reason is a kernel that lacks a helper or
+//! an instruction this tracer uses, which Linux release brought it.
 
 /// The oldest kernel the eBPF programs load on: it is the first with every
 /// helper of [`HELPERS`] that a required hook calls (`bpf_task_pt_regs`
@@ -16,6 +16,23 @@ const HELPERS: &[(&str, u32, &str)] = &[
     ("bpf_get_socket_cookie", 46, "5.12"),
     ("bpf_task_pt_regs", 175, "5.15"),
     ("bpf_loop", 181, "5.17"),
+];
+
+/// Instructions older verifiers reject, by their words for it: what it
+/// is, and the release that brought it.
+const INSTRUCTIONS: &[(&str, &str, &str)] = &[
+    // 5.10 knows only the plain atomic add: any other operation (a fetch,
+    // cmpxchg) is a reserved field to it.
+    (
+        "BPF_STX uses reserved fields",
+        "BPF_ATOMIC fetch and compare-and-exchange instructions",
+        "5.12",
+    ),
+    (
+        "invalid atomic operand",
+        "BPF_ATOMIC fetch and compare-and-exchange instructions",
+        "5.12",
+    ),
 ];
 
 /// The verifier's phrases for a helper it does not offer this program;
@@ -48,6 +65,7 @@ pub fn reason(log: &str) -> String {
     let from = KNOWN
         .iter()
         .chain(MISSING_HELPER)
+        .chain(INSTRUCTIONS.iter().map(|(p, ..)| p))
         .filter_map(|p| line.find(p))
         .min()
         .unwrap_or(0);
@@ -63,17 +81,21 @@ pub fn reason(log: &str) -> String {
     r
 }
 
-/// A helper the kernel does not offer: its name and the release that
-/// brought it to tracing programs.
-pub fn missing_helper(log: &str) -> Option<(&'static str, &'static str)> {
+/// What the kernel lacks, if that is why it refused the program: a helper
+/// (for tracing programs) or an instruction, and the release that
+/// brought it.
+pub fn missing_feature(log: &str) -> Option<(String, &'static str)> {
     log.lines().find_map(|line| {
+        if let Some((_, what, since)) = INSTRUCTIONS.iter().find(|(p, ..)| line.contains(p)) {
+            return Some((what.to_string(), *since));
+        }
         let rest = MISSING_HELPER.iter().find_map(|p| line.split_once(p).map(|(_, r)| r))?;
         let (name, number) = rest.trim().split_once('#')?;
         let number: u32 = number.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()?;
         HELPERS
             .iter()
             .find(|(n, id, _)| *n == name || *id == number)
-            .map(|(n, _, v)| (*n, *v))
+            .map(|(n, _, v)| (format!("{n} for tracing programs"), *v))
     })
 }
 
@@ -92,13 +114,30 @@ mod tests {
     #[test]
     fn names_the_missing_helper_and_its_release() {
         assert_eq!(reason(OLD_KERNEL), "unknown func bpf_get_socket_cookie#46");
-        assert_eq!(missing_helper(OLD_KERNEL), Some(("bpf_get_socket_cookie", "5.12")));
+        assert_eq!(
+            missing_feature(OLD_KERNEL),
+            Some(("bpf_get_socket_cookie for tracing programs".into(), "5.12"))
+        );
     }
 
     #[test]
     fn a_helper_number_the_kernel_never_heard_of() {
         let log = "7: (85) call unknown#181\ninvalid func unknown#181\nprocessed 7 insns\n";
-        assert_eq!(missing_helper(log), Some(("bpf_loop", "5.17")));
+        assert_eq!(
+            missing_feature(log),
+            Some(("bpf_loop for tracing programs".into(), "5.17"))
+        );
+    }
+
+    /// Debian 5.10.0-46 on the state hook's first `cmpxchg`.
+    #[test]
+    fn an_instruction_the_kernel_does_not_know() {
+        let log = "42: (db) r1 = atomic64_cmpxchg((u64 *)(r2 +0), r0, r3)\nBPF_STX uses reserved fields\nprocessed 42 insns\n";
+        assert_eq!(reason(log), "BPF_STX uses reserved fields");
+        assert_eq!(
+            missing_feature(log),
+            Some(("BPF_ATOMIC fetch and compare-and-exchange instructions".into(), "5.12"))
+        );
     }
 
     #[test]
@@ -107,7 +146,7 @@ mod tests {
                    verification time 27859545 usec\nstack depth 360+0\n\
                    processed 1000001 insns (limit 1000000) max_states_per_insn 119\n";
         assert_eq!(reason(log), "BPF program is too large. Processed 1000001 insn");
-        assert_eq!(missing_helper(log), None);
+        assert_eq!(missing_feature(log), None);
     }
 
     #[test]

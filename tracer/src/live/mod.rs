@@ -357,7 +357,7 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>, follow: bool) -> Resul
         Err(e) => {
             // Degrade, don't die: new sockets are still traced. The sink
             // says so (start line, banner).
-            let why = format!("sock_diag: {e:#}; are the inet_diag and tcp_diag modules loadable?");
+            let why = format!("{e:#}; are the inet_diag and tcp_diag modules loadable?");
             let none = SnapshotInput {
                 ns,
                 sockets: Vec::new(),

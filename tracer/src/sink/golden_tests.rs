@@ -295,9 +295,9 @@ pub(super) fn live_start() -> Start {
     let hooks = HOOKS
         .iter()
         .map(|h| {
-            let missing = h.program == "sys_enter_close_range";
+            let missing = h.name == "sys_enter_close_range";
             HookStatus {
-                hook: h.program,
+                hook: h.name,
                 attached: !missing,
                 error: missing.then(|| "tracepoint syscalls/sys_enter_close_range not found".into()),
                 lost: missing.then_some(h.purpose),
@@ -309,8 +309,11 @@ pub(super) fn live_start() -> Start {
         filter_pid: None,
         leak_after_ms: LEAK_AFTER_MS,
         preexisting_sockets: 1,
-        kernel: None,
-        snapshot_error: None,
+        kernel: Some("6.1.0-57-amd64".into()),
+        snapshot_error: Some(
+            "sock_diag error: No such file or directory (os error 2); are the inet_diag and tcp_diag modules loadable?"
+                .into(),
+        ),
     }
 }
 
