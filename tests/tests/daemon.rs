@@ -276,12 +276,29 @@ fn churn(secs: u64) -> u64 {
     let addr = listener.local_addr().expect("addr");
     let stop = Arc::new(AtomicBool::new(false));
     let accept_stop = stop.clone();
+    // The server closes only after the client has (EOF): the client's
+    // side keeps the TIME_WAIT, under its ephemeral port. A server that
+    // closed first kept it under the listening port instead, and a later
+    // connect from a reused port then hit it (a 1 s SYN stall): churns of
+    // a previous test or run cut this one to a few hundred connections.
     let acceptor = std::thread::spawn(move || {
         listener.set_nonblocking(true).expect("nonblocking");
+        let mut open: Vec<TcpStream> = Vec::new();
+        let mut buf = [0u8; 64];
         while !accept_stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((s, _)) => drop(s),
-                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            let mut idle = true;
+            while let Ok((s, _)) = listener.accept() {
+                s.set_nonblocking(true).expect("nonblocking");
+                open.push(s);
+                idle = false;
+            }
+            open.retain_mut(|s| match std::io::Read::read(s, &mut buf) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            });
+            if idle {
+                std::thread::sleep(Duration::from_micros(200));
             }
         }
     });
