@@ -338,6 +338,12 @@ fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
         .arg(out)
         .arg("--exec")
         .arg(format!("sh {}", script.display()))
+        // One host thread runs both vCPUs. With one thread per vCPU (qemu's
+        // default), a vCPU could run code the other had just patched
+        // (static keys flip when tracepoints attach) from a stale
+        // translation: 6.12 died of a stray int3 in
+        // syscall_exit_to_user_mode_prepare ("Oops: int3") in CI.
+        .arg("--qemu-opts=-accel tcg,thread=single")
         .env(
             "PATH",
             format!(
