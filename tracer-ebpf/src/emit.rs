@@ -114,14 +114,7 @@ pub fn take_stacks<C: EbpfContext>(ctx: &C, h: &mut Header, set: Counters) {
         return;
     }
     h.ustack = ustack::walk(h, set);
-    take_kernel_stack(ctx, h, set);
-}
-
-/// The kernel stack alone (with `--kernel-stacks`), where a user-stack walk
-/// cannot be verified.
-#[inline(always)]
-pub fn take_kernel_stack<C: EbpfContext>(ctx: &C, h: &mut Header, set: Counters) {
-    if config::stacks() & STACKS_KERNEL != 0 {
+    if which & STACKS_KERNEL != 0 {
         h.kstack = kstack::capture(ctx, h, set);
     }
 }

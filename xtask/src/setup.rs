@@ -329,8 +329,6 @@ fn promtool_version(text: &str) -> Option<String> {
     rest.split_whitespace().next().map(str::to_owned)
 }
 
-/// The deployment tests check deploy/tracer.service with `systemd-analyze
-/// verify`. A machine that boots systemd has it; a container image may not.
 fn check_qemu(path: &mut SearchPath) -> Check {
     check_binary(path, "qemu-system-x86_64")
 }
@@ -355,6 +353,8 @@ fn check_binary(path: &mut SearchPath, name: &str) -> Check {
     Check::Ok(bin.display().to_string())
 }
 
+/// The deployment tests check deploy/tracer.service with `systemd-analyze
+/// verify`. A machine that boots systemd has it; a container image may not.
 fn check_systemd_analyze(path: &mut SearchPath) -> Check {
     let dirs = ["/usr/bin", "/bin"].map(PathBuf::from);
     let Some(analyze) = find_on_path("systemd-analyze").or_else(|| find_in("systemd-analyze", dirs)) else {

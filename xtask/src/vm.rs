@@ -29,6 +29,7 @@ use crate::util;
 
 /// virtme-ng's release known to work here (PyPI).
 const VIRTME_NG: &str = "virtme-ng==1.42";
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Which kernel: 5.10 (Debian 11), 6.1 (Debian 12) or 6.12 (Debian 12
@@ -59,7 +60,8 @@ pub fn run(args: Args) -> Result<i32> {
 /// A kernel ready to boot, and how.
 pub struct Guest {
     vng: PathBuf,
-    kernel: Kernel,
+    /// The unpacked kernel's image.
+    kernel: PathBuf,
     memory: String,
     work: PathBuf,
 }
@@ -125,11 +127,6 @@ fn ensure_virtme_ng(work: &Path) -> Result<PathBuf> {
     Ok(vng)
 }
 
-/// An unpacked kernel.
-struct Kernel {
-    image: PathBuf,
-}
-
 /// Debian suites that carry the kernels users run: bookworm (6.1),
 /// bookworm-security (6.1 and 6.12 from backports), bullseye-security (5.10).
 const SUITES: &str = "Types: deb\n\
@@ -162,8 +159,9 @@ fn private_apt(work: &Path, program: &str) -> Result<Command> {
     Ok(c)
 }
 
-/// The newest Debian package of `version`, downloaded and unpacked once.
-fn fetch_kernel(work: &Path, version: &str) -> Result<Kernel> {
+/// The newest Debian package of `version`, downloaded and unpacked once;
+/// the path of its kernel image.
+fn fetch_kernel(work: &Path, version: &str) -> Result<PathBuf> {
     let name = match version {
         "5.10" => PackageName("linux-image-5.10.0-", "-amd64-unsigned"),
         "6.1" => PackageName("linux-image-6.1.0-", "-amd64-unsigned"),
@@ -215,9 +213,7 @@ fn fetch_kernel(work: &Path, version: &str) -> Result<Kernel> {
         "index the kernel's modules",
         Command::new("depmod").arg("-b").arg(&root).arg(&release),
     )?;
-    Ok(Kernel {
-        image: root.join("boot").join(format!("vmlinuz-{release}")),
-    })
+    Ok(root.join("boot").join(format!("vmlinuz-{release}")))
 }
 
 /// A kernel package's name: a fixed prefix, the ABI or patch number, a
@@ -323,7 +319,7 @@ fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
         .with_context(|| format!("writing {}", script.display()))?;
     let mut c = Command::new(&guest.vng);
     c.arg("--run")
-        .arg(&guest.kernel.image)
+        .arg(&guest.kernel)
         .args([
             "--force-9p",
             "--user",
@@ -362,7 +358,7 @@ fn boot(guest: &Guest, out: &Path, cmd: &str) -> Result<()> {
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     c.stdout(writer.try_clone().context("duplicating a pipe")?)
         .stderr(writer);
-    eprintln!("==> booting {} under qemu (TCG)", guest.kernel.image.display());
+    eprintln!("==> booting {} under qemu (TCG)", guest.kernel.display());
     let mut child = c.spawn().context("starting virtme-ng (vng)")?;
     // Our copies of the write end must go, or the read never ends.
     drop(c);

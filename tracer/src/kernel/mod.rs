@@ -20,6 +20,7 @@ use tracer_common::{
 };
 
 use hooks::{Attach, HOOKS};
+use verifier::Rejected;
 
 /// The compiled eBPF object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -189,14 +190,8 @@ impl Kernel {
                     lost: None,
                 }),
                 Err(e) if hook.required => {
-                    if let Some(r) = e.downcast_ref::<Rejected>() {
-                        if let Some((what, since)) = &r.missing {
-                            anyhow::bail!(
-                                "this kernel ({}) is too old for tracer: its eBPF verifier lacks {what} (Linux {since}+); tracer needs Linux {} or newer, with BTF (see README, Requirements)",
-                                release(),
-                                verifier::MIN_KERNEL
-                            );
-                        }
+                    if let Some(too_old) = e.downcast_ref::<Rejected>().and_then(|r| r.too_old(&release())) {
+                        anyhow::bail!(too_old);
                     }
                     return Err(privilege_hint(e, &format!("attaching {}", hook.target())));
                 }
@@ -260,7 +255,9 @@ impl Kernel {
     /// exactly (delivered + dropped = generated).
     pub fn stop(&mut self) {
         self.hook_misses_at_stop = Some(self.hook_misses());
-        for hook in HOOKS {
+        // Once per program: one may serve several hooks.
+        let mut unloaded = std::collections::HashSet::new();
+        for hook in HOOKS.iter().filter(|h| unloaded.insert(h.program)) {
             let Some(prog) = self._ebpf.program_mut(hook.program) else {
                 continue;
             };
@@ -425,35 +422,14 @@ fn attach(ebpf: &mut Ebpf, hook: &hooks::Hook, btf: &aya::Btf) -> Result<()> {
     Ok(())
 }
 
-/// A program the verifier refused, in one line: why, and the helper this
-/// kernel lacks if that was why. The whole log goes to the debug log.
-#[derive(Debug)]
-struct Rejected {
-    reason: String,
-    missing: Option<(String, &'static str)>,
-}
-
-impl std::fmt::Display for Rejected {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the eBPF verifier rejected it: {}", self.reason)?;
-        if let Some((what, since)) = &self.missing {
-            write!(f, " ({what}: Linux {since}+)")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Rejected {}
-
+/// A load error as one line ([`Rejected`]) when the verifier refused the
+/// program; the whole log goes to the debug log.
 fn rejected(hook: &hooks::Hook, e: aya::programs::ProgramError) -> anyhow::Error {
     match e {
         aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
             let log = verifier_log.to_string();
             log::debug!("{}: {io_error}; verifier log:\n{log}", hook.target());
-            anyhow!(Rejected {
-                reason: verifier::reason(&log),
-                missing: verifier::missing_feature(&log),
-            })
+            anyhow!(Rejected::from_log(&log))
         }
         other => anyhow!(other),
     }

@@ -52,10 +52,48 @@ const TRAILER: &[&str] = &[
     "mark_read",
 ];
 
+/// A program the verifier refused: why, in one line, and what this kernel
+/// lacks if that was why.
+#[derive(Debug)]
+pub struct Rejected {
+    reason: String,
+    missing: Option<(String, &'static str)>,
+}
+
+impl Rejected {
+    pub fn from_log(log: &str) -> Self {
+        Rejected {
+            reason: reason(log),
+            missing: missing_feature(log),
+        }
+    }
+
+    /// When the kernel lacks something the programs use: the one line
+    /// that says what, and the minimum release (`release`: this kernel's).
+    pub fn too_old(&self, release: &str) -> Option<String> {
+        let (what, since) = self.missing.as_ref()?;
+        Some(format!(
+            "this kernel ({release}) is too old for tracer: its eBPF verifier lacks {what} (Linux {since}+); tracer needs Linux {MIN_KERNEL} or newer, with BTF (see README, Requirements)"
+        ))
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the eBPF verifier rejected it: {}", self.reason)?;
+        if let Some((what, since)) = &self.missing {
+            write!(f, " ({what}: Linux {since}+)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Rejected {}
+
 /// The line that says why the program was rejected: the last one before
 /// the statistics, from the first known phrase on (the verifier appends
 /// some reasons to the instruction it stopped at).
-pub fn reason(log: &str) -> String {
+fn reason(log: &str) -> String {
     let line = log
         .lines()
         .map(str::trim)
@@ -84,7 +122,7 @@ pub fn reason(log: &str) -> String {
 /// What the kernel lacks, if that is why it refused the program: a helper
 /// (for tracing programs) or an instruction, and the release that
 /// brought it.
-pub fn missing_feature(log: &str) -> Option<(String, &'static str)> {
+fn missing_feature(log: &str) -> Option<(String, &'static str)> {
     log.lines().find_map(|line| {
         if let Some((_, what, since)) = INSTRUCTIONS.iter().find(|(p, ..)| line.contains(p)) {
             return Some((what.to_string(), *since));
@@ -114,6 +152,12 @@ mod tests {
     #[test]
     fn names_the_missing_helper_and_its_release() {
         assert_eq!(reason(OLD_KERNEL), "unknown func bpf_get_socket_cookie#46");
+        assert_eq!(
+            Rejected::from_log(OLD_KERNEL).too_old("5.10.0-46-amd64").as_deref(),
+            Some(
+                "this kernel (5.10.0-46-amd64) is too old for tracer: its eBPF verifier lacks bpf_get_socket_cookie for tracing programs (Linux 5.12+); tracer needs Linux 5.15 or newer, with BTF (see README, Requirements)"
+            )
+        );
         assert_eq!(
             missing_feature(OLD_KERNEL),
             Some(("bpf_get_socket_cookie for tracing programs".into(), "5.12"))
