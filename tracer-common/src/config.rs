@@ -39,6 +39,12 @@ pub struct KernelOffsets {
     /// The count's value when exactly one reference is held (0 for
     /// `f_ref`'s file_ref_t, 1 for the older `f_count`).
     pub file_ref_one: u32,
+    /// `task_struct.stack`: the task's kernel stack, whose top holds its
+    /// saved user registers. Read only where `bpf_task_pt_regs` is missing
+    /// ([`COMPAT_NO_PT_REGS`]).
+    pub task_stack: u32,
+    /// The kernel stack's size (`THREAD_SIZE`), with `task_stack`.
+    pub thread_size: u32,
     /// Address of `socket_file_ops` from kallsyms, 0 if hidden: then a file
     /// is taken to be a socket when `socket->file` points back at it.
     pub socket_file_ops: u64,
@@ -72,7 +78,36 @@ pub struct Config {
     /// With `follow`: the socket table's slots less one (a power of two
     /// less one; see [`crate::SockSlot`]).
     pub socket_slots_mask: u32,
-    pub _pad: u32,
+    /// What the running kernel lacks, as `COMPAT_*` bits: each selects a
+    /// fallback path. The object carries both paths; this value is a
+    /// load-time constant, so the verifier never visits the path not
+    /// taken (and never sees its helper calls or instructions).
+    pub compat: u32,
+}
+
+/// [`Config::compat`] bit: no `bpf_get_socket_cookie` in `tp_btf` programs
+/// (before Linux 5.12). A socket is known by the cookie it held when the
+/// kernel side first saw it, or else by its address, kept for its life in
+/// the `IDS` map (an id never changes while the socket lives).
+pub const COMPAT_IDS: u32 = 1;
+/// [`Config::compat`] bit: no BPF_ATOMIC compare-and-exchange (before 5.12):
+/// the followed-socket table is the hash map alone.
+pub const COMPAT_NO_CMPXCHG: u32 = 2;
+/// [`Config::compat`] bit: no `bpf_get_current_task_btf` (before 5.11): the
+/// task is walked with probe reads.
+pub const COMPAT_NO_TASK_BTF: u32 = 4;
+/// [`Config::compat`] bit: no `bpf_task_pt_regs` (before 5.15): the saved
+/// user registers are found at the top of the task's kernel stack.
+pub const COMPAT_NO_PT_REGS: u32 = 8;
+/// [`Config::compat`] bit: no `bpf_loop` (before 5.17): close_range is not
+/// followed.
+pub const COMPAT_NO_LOOP: u32 = 16;
+
+/// Whether `id` (a [`crate::Header::cookie`]) is a socket's address standing
+/// in for its cookie ([`COMPAT_IDS`]): kernel addresses have the top bit
+/// set, cookies count up from 1.
+pub const fn is_address_id(id: u64) -> bool {
+    id >> 63 != 0
 }
 
 /// [`Config::stacks`] bit: capture user stacks.
@@ -87,5 +122,5 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 104);
 const _: () = assert!(core::mem::size_of::<Config>() == 40);

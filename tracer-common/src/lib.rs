@@ -12,7 +12,10 @@ pub mod follow;
 pub mod stats;
 pub mod tcp;
 
-pub use config::{Config, KernelOffsets, STACKS_KERNEL, STACKS_USER};
+pub use config::{
+    is_address_id, Config, KernelOffsets, COMPAT_IDS, COMPAT_NO_CMPXCHG, COMPAT_NO_LOOP, COMPAT_NO_PT_REGS,
+    COMPAT_NO_TASK_BTF, STACKS_KERNEL, STACKS_USER,
+};
 pub use event::{
     walk_end, EventKind, FdEvent, Header, KernelStackEvent, StateEvent, UserFrame, UserStackEvent, COMM_LEN,
     KSTACK_SENT, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, NO_STACK, RX_QUEUE_UNKNOWN, SP_WORDS, STACKS_OFF,

@@ -33,4 +33,9 @@ pub const OWNERS_FULL: u32 = 8;
 /// map was full (nothing is lost: the agent gets the record sooner).
 pub const CLOSE_WAIT_SPILLED: u32 = 9;
 
-pub const COUNT: u32 = 10;
+/// Sockets given no lasting id, the `IDS` map being full (kernels without
+/// the cookie helper, [`crate::config::COMPAT_IDS`]): their id may change
+/// when something asks the kernel for their cookie, splitting their events.
+pub const IDS_FULL: u32 = 10;
+
+pub const COUNT: u32 = 11;

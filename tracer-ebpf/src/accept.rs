@@ -5,7 +5,7 @@
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 use tracer_common::{stats, EventKind, FdEvent};
 
-use crate::{config, emit, fdsock, follow, maps, maps::Counters};
+use crate::{config, emit, fdsock, follow, ids, maps, maps::Counters};
 
 /// Offset of `long ret` in the `sys_exit_*` tracepoint record.
 const RET_OFFSET: usize = 16;
@@ -40,7 +40,7 @@ fn handle(ctx: &TracePointContext) {
     if config::follow() && !follow::on_accept(ctx, sk, fd as i32) {
         return;
     }
-    let cookie = fdsock::cookie_of(sk);
+    let cookie = ids::known(sk);
     if filter != 0 && cookie != 0 && maps::WATCH.insert(&cookie, &tgid, 0).is_err() {
         maps::count(Counters::Syscall, stats::WATCH_FULL);
     }

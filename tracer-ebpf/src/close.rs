@@ -12,9 +12,9 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use tracer_common::{stats, EventKind, FdEvent};
+use tracer_common::{stats, EventKind, FdEvent, COMPAT_NO_LOOP};
 
-use crate::{config, emit, fdsock, follow, maps, maps::Counters};
+use crate::{config, emit, fdsock, follow, ids, maps, maps::Counters};
 
 const FD_OFFSET: usize = 16;
 const MAX_FD_OFFSET: usize = 24;
@@ -42,7 +42,9 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_enter_close_range")]
 pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
-    if !wanted() {
+    // Not attached there (the agent says so); this keeps the verifier from
+    // the helper call.
+    if config::lacks(COMPAT_NO_LOOP) || !wanted() {
         return 0;
     }
     let (first, last, flags) = (
@@ -131,7 +133,7 @@ fn report<C: EbpfContext>(ctx: &C, fds: u64, max: u32, fd: u32, user_stacks: boo
     let Some(sk) = fdsock::tcp_sock(fds, max, fd) else {
         return;
     };
-    let cookie = fdsock::cookie_of(sk);
+    let cookie = ids::known(sk);
     let reported = maps::REPORTED.get_ptr(&cookie).is_some();
     if followed && !reported && !(shared && follow::on_shared_close(ctx, sk, cookie, fd as i32, user_stacks)) {
         return;

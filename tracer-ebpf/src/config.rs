@@ -55,6 +55,14 @@ pub fn promote_ns() -> u64 {
     volatile(&CONFIG.promote_ns)
 }
 
+/// Whether the running kernel lacks what `bit` (a `COMPAT_*` bit) stands
+/// for, and its fallback is to be taken. A load-time constant: the
+/// verifier follows only the path taken.
+#[inline(always)]
+pub fn lacks(bit: u32) -> bool {
+    volatile(&CONFIG.compat) & bit != 0
+}
+
 /// The socket table's slots less one (see `socks`).
 #[inline(always)]
 pub fn socket_slots_mask() -> u32 {

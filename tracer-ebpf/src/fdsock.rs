@@ -2,10 +2,17 @@
 //! `task->files->fdt->fd[fd]->private_data->sk` with field offsets the agent
 //! took from the kernel's BTF.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task_btf};
-use tracer_common::{event::AF_INET, event::AF_INET6, stats, tcp::IPPROTO_TCP};
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel,
+    generated::{bpf_get_current_task, bpf_get_current_task_btf},
+};
+use tracer_common::{event::AF_INET, event::AF_INET6, stats, tcp::IPPROTO_TCP, COMPAT_NO_TASK_BTF};
 
-use crate::{config::off, maps, maps::Counters};
+use crate::{
+    config::{self, off},
+    maps,
+    maps::Counters,
+};
 
 /// A read fault while walking kernel memory.
 pub struct Fault;
@@ -30,7 +37,6 @@ pub fn fd_table() -> Option<(u64, u32)> {
     counted(unsafe { fd_table_inner() })
 }
 
-///
 /// `task->files->fdt` is walked with plain loads from the BTF-typed task
 /// pointer: the verifier checks each offset against the kernel's BTF, and
 /// the JIT makes each load fault-tolerant (a fault reads 0), at a fraction
@@ -38,6 +44,9 @@ pub fn fd_table() -> Option<(u64, u32)> {
 /// pointer to pointers, which BTF does not type: it is read by helper.
 #[inline(always)]
 unsafe fn fd_table_inner() -> Result<Option<(u64, u32)>, Fault> {
+    if config::lacks(COMPAT_NO_TASK_BTF) {
+        return unsafe { fd_table_probed() };
+    }
     unsafe {
         let task = bpf_get_current_task_btf() as *const u8;
         let files: *const u8 = load(task, off!(task_files));
@@ -50,6 +59,26 @@ unsafe fn fd_table_inner() -> Result<Option<(u64, u32)>, Fault> {
         }
         let max: u32 = load(fdt, off!(fdt_max_fds));
         let fds: u64 = load(fdt, off!(fdt_fd));
+        Ok(Some((fds, max)))
+    }
+}
+
+/// `fd_table_inner` before Linux 5.11 (no `bpf_get_current_task_btf`): the
+/// same walk, by probe reads from the untyped task pointer.
+#[inline(always)]
+unsafe fn fd_table_probed() -> Result<Option<(u64, u32)>, Fault> {
+    unsafe {
+        let task = bpf_get_current_task();
+        let files: u64 = read(task, off!(task_files))?;
+        if files == 0 {
+            return Ok(None); // exiting task
+        }
+        let fdt: u64 = read(files, off!(files_fdt))?;
+        if fdt == 0 {
+            return Err(Fault);
+        }
+        let max: u32 = read(fdt, off!(fdt_max_fds))?;
+        let fds: u64 = read(fdt, off!(fdt_fd))?;
         Ok(Some((fds, max)))
     }
 }
@@ -117,9 +146,9 @@ pub fn file_shared(fds: u64, fd: u32) -> bool {
 
 /// The cookie the kernel already assigned to `sk`, or 0 if none yet. Every
 /// socket that changed state while we were attached has one (the state hook
-/// asks for it), so 0 only happens for sockets older than the tracer; the
-/// agent then matches by `skaddr`.
+/// asks for it; before 5.12 see `ids`), so 0 only happens for sockets older
+/// than the tracer; the agent then matches by `skaddr`.
 #[inline(always)]
-pub fn cookie_of(sk: u64) -> u64 {
+pub fn held_cookie(sk: u64) -> u64 {
     unsafe { read::<u64>(sk, off!(skc_cookie)) }.unwrap_or(0)
 }

@@ -17,7 +17,7 @@
 //!   agent read is always older than that when anything else happens to
 //!   it, so no race decides what is sent.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_get_socket_cookie, programs::BtfTracePointContext, EbpfContext};
+use aya_ebpf::{cty::c_void, programs::BtfTracePointContext, EbpfContext};
 use tracer_common::{
     stats, tcp, EventKind, Header, SockRecord, StateEvent, Touch, FOLLOWED, OPENED_BY_ACCEPT, OPENED_BY_CONNECT,
     SHARED_CLOSE,
@@ -26,7 +26,7 @@ use tracer_common::{
 use crate::{
     catalog, config,
     config::off,
-    emit, fdsock,
+    emit, ids,
     maps::{self, Counters},
     socks, state,
 };
@@ -66,7 +66,7 @@ fn is_tcp(sk: *const c_void) -> bool {
 
 #[inline(always)]
 fn cookie(sk: *const c_void) -> u64 {
-    unsafe { bpf_get_socket_cookie(sk as *mut c_void) }
+    ids::of(sk)
 }
 
 /// Who the current task is, now, with its stacks (see `catalog::take`).
@@ -102,9 +102,13 @@ fn may_have_sock() -> bool {
 /// The cookie as the socket holds it, without assigning one (as
 /// `bpf_get_socket_cookie` does, from a counter all CPUs share): 0 if it
 /// was never asked for, and then it cannot be in the watch list, which the
-/// snapshot and the accept hook fill.
+/// snapshot and the accept hook fill. Before 5.12, its id where one is
+/// fixed (see `ids`).
 #[inline(always)]
 fn held_cookie(sk: *const c_void) -> u64 {
+    if let Some(id) = ids::fixed(sk as u64) {
+        return id;
+    }
     // SAFETY: a field of the BTF-typed socket (see `state::load`).
     unsafe { state::load(sk, off!(skc_cookie)) }
 }
@@ -174,7 +178,7 @@ fn add_flag(sk: u64, flag: u32, set: Counters) {
 /// opener is kept.
 #[inline(always)]
 pub fn on_accept<C: EbpfContext>(ctx: &C, sk: u64, fd: i32) -> bool {
-    if in_close_wait_known_to_agent(fdsock::cookie_of(sk)) {
+    if in_close_wait_known_to_agent(ids::known(sk)) {
         return true;
     }
     opened(ctx, sk, fd, OPENED_BY_ACCEPT, Counters::Syscall);

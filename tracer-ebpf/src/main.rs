@@ -7,6 +7,8 @@
 //!   process that accepted it.
 //! - `close`: `syscalls:sys_enter_close{,_range}`, ties a close to the
 //!   thread and fd that did it.
+//! - `ids`: not a hook; how a socket is known (its cookie, or on kernels
+//!   before 5.12 an id fixed at first sight).
 //! - `follow`: not a hook; what the hooks above do when sockets are
 //!   followed in the kernel (default `live`) instead of sent event by event.
 //! - `ustack`: not a hook; the user-stack walk the hooks above call where
@@ -26,6 +28,7 @@ mod config;
 mod emit;
 mod fdsock;
 mod follow;
+mod ids;
 mod kstack;
 mod maps;
 mod scratch;

@@ -168,6 +168,11 @@ pub static CLOSE_WAIT: HashMap<u64, StateEvent> = HashMap::with_max_entries(1638
 #[map]
 pub static REPORTED_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Socket address -> the socket's id, on kernels without the cookie helper
+/// in `tp_btf` programs (see `ids`). Full: counted (`IDS_FULL`).
+#[map]
+pub static IDS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+
 /// Stack contents the agent's catalogue holds, per process (pid 0: kernel
 /// stacks). An LRU: forgetting one only sends that content again.
 #[map]

@@ -8,6 +8,10 @@
 //! or, when they are all taken, in the overflow hash map `SOCKS` (counted,
 //! so that while it is empty nobody looks there).
 //!
+//! Before Linux 5.12 (no BPF_ATOMIC compare-and-exchange,
+//! `COMPAT_NO_CMPXCHG`) the table is the hash map alone, sized by the agent
+//! to hold every followed socket.
+//!
 //! Races: a socket's record is written by its own connect or accept, and
 //! read or dropped by its own state changes, which the kernel serialises
 //! (they run under the socket's lock or after its last reference). Two
@@ -18,9 +22,16 @@
 use core::intrinsics::{atomic_cxchg, AtomicOrdering};
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use tracer_common::{sock_slot_home, SockRecord, SockSlot, SOCK_SLOT_PROBES};
+use tracer_common::{sock_slot_home, SockRecord, SockSlot, COMPAT_NO_CMPXCHG, SOCK_SLOT_PROBES};
 
 use crate::{config, maps};
+
+/// Whether the array's slots are used (they cannot be claimed without
+/// compare-and-exchange).
+#[inline(always)]
+fn slots_used() -> bool {
+    !config::lacks(COMPAT_NO_CMPXCHG)
+}
 
 #[inline(always)]
 fn slot(sk: u64, i: u32) -> Option<*mut SockSlot> {
@@ -63,7 +74,11 @@ pub fn insert(sk: u64, record: &SockRecord) -> bool {
         unsafe { *r = *record };
         return true;
     }
+    let used = slots_used();
     for i in 0..SOCK_SLOT_PROBES {
+        if !used {
+            break;
+        }
         let Some(s) = slot(sk, i) else { continue };
         if key_of(s) == 0 && claim(s, sk) {
             // SAFETY: the slot is now this socket's.
@@ -90,7 +105,11 @@ fn insert_overflow(sk: u64, record: &SockRecord) -> bool {
 /// `sk`'s record, if it has one.
 #[inline(always)]
 pub fn get(sk: u64) -> Option<*mut SockRecord> {
+    let used = slots_used();
     for i in 0..SOCK_SLOT_PROBES {
+        if !used {
+            break;
+        }
         let Some(s) = slot(sk, i) else { continue };
         if key_of(s) == sk {
             // SAFETY: an array map value.
@@ -106,7 +125,11 @@ pub fn get(sk: u64) -> Option<*mut SockRecord> {
 /// Drops `sk`'s record: the socket is destroyed.
 #[inline(always)]
 pub fn remove(sk: u64) {
+    let used = slots_used();
     for i in 0..SOCK_SLOT_PROBES {
+        if !used {
+            break;
+        }
         let Some(s) = slot(sk, i) else { continue };
         if key_of(s) == sk {
             // SAFETY: an array map value; a plain 8-byte store is atomic.

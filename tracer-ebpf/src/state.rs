@@ -3,8 +3,7 @@
 //! the change runs: the owner's syscall, softirq, or a peer's process.
 
 use aya_ebpf::{
-    cty::c_void, helpers::bpf_get_current_pid_tgid, helpers::generated::bpf_get_socket_cookie, macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    cty::c_void, helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 use tracer_common::{
     event::{AF_INET, AF_INET6},
@@ -15,7 +14,7 @@ use crate::{
     config::{self, off},
     emit,
     fdsock::{read, Fault},
-    follow, maps,
+    follow, ids, maps,
     maps::Counters,
 };
 
@@ -25,6 +24,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
     let _ = handle(&ctx, sk, oldstate as u8, newstate as u8);
+    if newstate as u8 == tcp::CLOSE {
+        // Whichever path handled it: the socket is gone.
+        ids::forget(sk);
+    }
     0
 }
 
@@ -34,7 +37,7 @@ fn handle(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8, newstate:
         follow::on_state(ctx, sk, oldstate, newstate);
         return Ok(());
     }
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    let cookie = ids::of(sk);
     // With --pid, most state changes are other processes': the watch-map
     // lookup comes before any read of the socket.
     let filter = config::filter_tgid();

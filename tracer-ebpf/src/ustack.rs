@@ -13,13 +13,22 @@
 
 use aya_ebpf::{
     cty::c_void,
-    helpers::generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+    helpers::generated::{
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    },
 };
 use tracer_common::{
-    stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, MAX_USER_FRAMES, SP_WORDS, USTACK_WALKED,
+    stats, walk_end, EventKind, Header, UserFrame, UserStackEvent, COMPAT_NO_PT_REGS, MAX_USER_FRAMES, SP_WORDS,
+    USTACK_WALKED,
 };
 
-use crate::{catalog, maps, maps::Counters, scratch};
+use crate::{
+    catalog,
+    config::{self, off},
+    fdsock, maps,
+    maps::Counters,
+    scratch,
+};
 
 /// x86_64 `struct pt_regs` (the user registers saved at kernel entry; the
 /// layout is ABI, the same as ptrace's `user_regs_struct`): `bp` is at
@@ -105,6 +114,24 @@ fn build(ev: &mut UserStackEvent, h: &Header, set: Counters) -> (usize, u64, u64
 /// Where the frames start in a [`UserStackEvent`].
 const FRAMES_AT: usize = core::mem::offset_of!(UserStackEvent, frames);
 
+/// `sizeof(struct pt_regs)` on x86_64.
+const PT_REGS_SIZE: u64 = 168;
+
+/// Where the current task's user registers were saved at kernel entry.
+/// Before Linux 5.15 (no `bpf_task_pt_regs`) that is computed as the kernel
+/// does (`task_pt_regs`): the top of the task's kernel stack, less one
+/// `pt_regs` (x86_64 keeps no padding above it).
+#[inline(always)]
+unsafe fn user_regs() -> Option<*const u8> {
+    unsafe {
+        if config::lacks(COMPAT_NO_PT_REGS) {
+            let stack: u64 = fdsock::read(bpf_get_current_task(), off!(task_stack)).ok()?;
+            return Some((stack + u64::from(off!(thread_size)) - PT_REGS_SIZE) as *const u8);
+        }
+        Some(bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8)
+    }
+}
+
 /// Fills `frames` from the user registers; returns how many are valid, why
 /// the walk stopped, and two keys of their content (`catalog::mix` of every
 /// frame's pc with and without its interpreter slots; the words at `sp`
@@ -126,8 +153,9 @@ unsafe fn fill(frames: &mut [UserFrame; MAX_USER_FRAMES], sp_words: &mut [u64; S
     let (regs, window) = unsafe { (&mut (*words).regs, &mut (*words).window) };
     // SAFETY: the helper fills `regs` (or fails, and it is not read).
     unsafe {
-        let task = bpf_get_current_task_btf();
-        let pt = bpf_task_pt_regs(task) as *const u8;
+        let Some(pt) = user_regs() else {
+            return (0, walk_end::FAULT, 0, 0);
+        };
         if bpf_probe_read_kernel(
             regs.as_mut_ptr() as *mut c_void,
             (REGS_WORDS * 8) as u32,

@@ -9,7 +9,7 @@ use crate::{
     clock::WallClock,
     correlate::{Comm, Correlator, Endpoints, LeakReport, StackRef, Verdict},
     decode::Event,
-    evidence::Evidence,
+    evidence::{Evidence, Wanted},
     findings::{self, Enrich, LeakOut, StackOut},
     input::{ForgetInput, Input, StackInput, StackKey},
     kernel::KernelStats,
@@ -87,6 +87,15 @@ impl Engine {
     pub fn leaks_open(&self) -> u64 {
         let st = self.corr.stats();
         st.leaks_reported.saturating_sub(st.late_closes)
+    }
+
+    /// The sockets `ids` as evidence gathering looks for them.
+    pub fn evidence_wanted(&self, ids: impl IntoIterator<Item = u64>) -> Wanted {
+        let mut want = Wanted::default();
+        for id in ids {
+            want.add(id, self.corr.socket(id).and_then(|s| s.endpoints));
+        }
+        want
     }
 
     pub fn current_leak_cookies(&self) -> Vec<u64> {

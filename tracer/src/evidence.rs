@@ -16,9 +16,12 @@ use std::collections::{HashMap, HashSet};
 use netlink_packet_sock_diag::inet::StateFlags;
 use serde::{Deserialize, Serialize};
 
+use tracer_common::is_address_id;
+
+use crate::correlate::Endpoints;
 use crate::privileges::{self, Denied};
 use crate::procs;
-use crate::snapshot::{self, netns};
+use crate::snapshot::{self, netns, DiagSocket};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HolderOut {
@@ -38,20 +41,58 @@ pub struct Evidence {
     /// `net:[INODE]`). None in recordings made before it was read.
     #[serde(default)]
     pub netns: Option<u64>,
+    /// The socket's cookie, where the tracer knows it by another id (its
+    /// address, on kernels before 5.12: see [`Wanted`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<u64>,
 }
 
-/// Evidence for each of `cookies` (CLOSE_WAIT sockets).
-pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
+/// The sockets whose evidence is wanted, by the id the tracer knows them
+/// by. That is their cookie, except on kernels before 5.12, where a socket
+/// the kernel side first saw before anything asked for its cookie is known
+/// by its address (`tracer_common::is_address_id`), which sock_diag does
+/// not show: those are found by their endpoints, and their evidence says
+/// their cookie.
+#[derive(Debug, Default)]
+pub struct Wanted {
+    ids: HashSet<u64>,
+    by_endpoints: HashMap<Endpoints, u64>,
+}
+
+impl Wanted {
+    pub fn add(&mut self, id: u64, endpoints: Option<Endpoints>) {
+        self.ids.insert(id);
+        if let (true, Some(e)) = (is_address_id(id), endpoints) {
+            self.by_endpoints.insert(e, id);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The id `s` is wanted under, if it is.
+    fn id_of(&self, s: &DiagSocket) -> Option<u64> {
+        if self.ids.contains(&s.cookie) {
+            return Some(s.cookie);
+        }
+        self.by_endpoints.get(&s.endpoints).copied()
+    }
+}
+
+/// Evidence for each of the `wanted` sockets (in CLOSE_WAIT), by the id
+/// they were wanted under.
+pub fn gather(want: &Wanted) -> HashMap<u64, Evidence> {
     let mut out = HashMap::new();
-    if cookies.is_empty() {
+    if want.is_empty() {
         return out;
     }
     // Every namespace's CLOSE_WAIT sockets, only the wanted ones kept.
     let namespaces = netns::enumerate();
     let mut wanted = Vec::new();
     let dumped = snapshot::for_each_tcp_in(&namespaces, StateFlags::CLOSE_WAIT, |s| {
-        if cookies.contains(&s.cookie) {
-            wanted.push(s);
+        if let Some(id) = want.id_of(&s) {
+            wanted.push((id, s));
         }
     });
     let refused = match dumped {
@@ -61,7 +102,7 @@ pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
             return out;
         }
     };
-    if wanted.len() < cookies.len() && refused == 0 {
+    if wanted.len() < want.ids.len() && refused == 0 {
         // Sockets not found in any namespace entered, while some
         // processes' namespaces could not be told: those may be where
         // they are. (A namespace refused says so itself.)
@@ -74,7 +115,7 @@ pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
     // A process holding many leaked sockets is named once.
     let mut comms: HashMap<u32, String> = HashMap::new();
     let mut unheld = 0;
-    for s in wanted {
+    for (id, s) in wanted {
         let hs: Vec<HolderOut> = scan
             .by_inode
             .get(&s.inode)
@@ -93,13 +134,14 @@ pub fn gather(cookies: &HashSet<u64>) -> HashMap<u64, Evidence> {
             .unwrap_or_default();
         unheld += usize::from(hs.is_empty());
         out.insert(
-            s.cookie,
+            id,
             Evidence {
                 // In CLOSE_WAIT the FIN occupies one sequence number.
                 unread_now: Some(s.recv_queue.saturating_sub(1)),
                 holders: hs,
                 found: true,
                 netns: Some(s.netns),
+                cookie: (id != s.cookie).then_some(s.cookie),
             },
         );
     }
@@ -134,8 +176,9 @@ mod tests {
         let me = std::process::id();
         let mut found = None;
         for _ in 0..100 {
-            let cookies = HashSet::from([c]);
-            let mut ev = std::thread::spawn(move || gather(&cookies))
+            let mut want = Wanted::default();
+            want.add(c, None);
+            let mut ev = std::thread::spawn(move || gather(&want))
                 .join()
                 .expect("gather panicked");
             if let Some(e) = ev.remove(&c) {
@@ -173,5 +216,39 @@ mod tests {
                 .expect("reads");
         assert_eq!(e.netns, None);
         assert_eq!(e.unread_now, Some(26));
+    }
+
+    /// A socket known by its address (kernels before 5.12) is found by its
+    /// endpoints, and its evidence names its cookie.
+    #[test]
+    fn an_address_id_is_found_by_endpoints_with_its_cookie() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        server.shutdown(Shutdown::Write).expect("FIN");
+        let endpoints = Endpoints {
+            local: client.local_addr().expect("local"),
+            remote: client.peer_addr().expect("peer"),
+        };
+        let id = 0xffff_8881_2345_6000;
+        assert!(is_address_id(id));
+        let mut found = None;
+        for _ in 0..100 {
+            let mut want = Wanted::default();
+            want.add(id, Some(endpoints));
+            if let Some(e) = gather(&want).remove(&id) {
+                found = Some(e);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let e = found.expect("found by its endpoints once in CLOSE_WAIT");
+        assert_eq!(e.cookie, Some(crate::snapshot::so_cookie(&client)));
+        assert_eq!(e.unread_now, Some(0));
+        // A cookie is wanted as itself: no other cookie to name.
+        let mut want = Wanted::default();
+        let c = crate::snapshot::so_cookie(&client);
+        want.add(c, Some(endpoints));
+        assert_eq!(gather(&want).remove(&c).map(|e| e.cookie), Some(None));
     }
 }

@@ -123,7 +123,9 @@ impl LeakOut {
             local: ep(|e| e.local),
             remote: ep(|e| e.remote),
             netns: ev.and_then(|ev| ev.netns),
-            cookie: l.cookie,
+            // The kernel's cookie (as `ss` shows it), where the tracer knew
+            // the socket by its address.
+            cookie: ev.and_then(|ev| ev.cookie).unwrap_or(l.cookie),
             close_wait_ms: l.close_wait_ns / 1_000_000,
             close_wait_estimated: l.since.estimated,
             fd,

@@ -407,6 +407,7 @@ pub fn analyse<R: Read>(
             .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         kernel: None,
         snapshot_error: None,
+        fallbacks: Vec::new(),
     })
     .map_err(out)?;
     for input in ahead {

@@ -67,7 +67,6 @@ impl Correlator {
         }
     }
 
-    #[cfg(test)]
     pub fn socket(&self, cookie: u64) -> Option<&Socket> {
         self.table.sockets.get(&cookie)
     }

@@ -63,7 +63,7 @@ pub struct Owner {
     pub source: OwnerSource,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Endpoints {
     pub local: SocketAddr,
     pub remote: SocketAddr,

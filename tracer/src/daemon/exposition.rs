@@ -268,7 +268,7 @@ fn counter(r: &mut Registry, name: &str, help: &str, value: u64) {
 }
 
 /// Every kernel-side loss counter, by its name in `kernel_stats`.
-fn losses(k: &KernelStats) -> [(&'static str, u64); 8] {
+fn losses(k: &KernelStats) -> [(&'static str, u64); 9] {
     [
         ("ringbuf_drops", k.ringbuf_drops),
         ("hook_misses", k.hook_misses),
@@ -276,6 +276,7 @@ fn losses(k: &KernelStats) -> [(&'static str, u64); 8] {
         ("watch_full", k.watch_full),
         ("reported_full", k.reported_full),
         ("owners_full", k.owners_full),
+        ("ids_full", k.ids_full),
         ("fd_unresolved", k.fd_unresolved),
         ("close_range_truncated", k.close_range_truncated),
     ]

@@ -2,6 +2,8 @@
 //! tracer can run without it. Optional hooks that fail to attach degrade
 //! the evidence (said in the `start` output), not the tracing.
 
+use tracer_common::COMPAT_NO_LOOP;
+
 #[derive(Clone, Copy, Debug)]
 pub enum Attach {
     /// `tp_btf/<name>`: BTF-typed raw tracepoint.
@@ -22,6 +24,9 @@ pub struct Hook {
     pub required: bool,
     /// What is lost without it.
     pub purpose: &'static str,
+    /// `COMPAT_*` bits under which it is not attached: its program needs
+    /// what those kernels lack.
+    pub unless: u32,
 }
 
 pub const HOOKS: &[Hook] = &[
@@ -31,6 +36,7 @@ pub const HOOKS: &[Hook] = &[
         attach: Attach::BtfTracepoint("inet_sock_set_state"),
         required: true,
         purpose: "TCP state changes",
+        unless: 0,
     },
     Hook {
         name: "sys_exit_accept4",
@@ -38,6 +44,7 @@ pub const HOOKS: &[Hook] = &[
         attach: Attach::Tracepoint("syscalls", "sys_exit_accept4"),
         required: false,
         purpose: "owner of accepted sockets",
+        unless: 0,
     },
     Hook {
         name: "sys_exit_accept",
@@ -46,6 +53,7 @@ pub const HOOKS: &[Hook] = &[
         attach: Attach::Tracepoint("syscalls", "sys_exit_accept"),
         required: false,
         purpose: "owner of accepted sockets",
+        unless: 0,
     },
     Hook {
         name: "sys_enter_close",
@@ -53,6 +61,7 @@ pub const HOOKS: &[Hook] = &[
         attach: Attach::Tracepoint("syscalls", "sys_enter_close"),
         required: false,
         purpose: "which thread and fd closed a socket",
+        unless: 0,
     },
     Hook {
         name: "sys_enter_close_range",
@@ -60,6 +69,7 @@ pub const HOOKS: &[Hook] = &[
         attach: Attach::Tracepoint("syscalls", "sys_enter_close_range"),
         required: false,
         purpose: "which thread and fd closed a socket",
+        unless: COMPAT_NO_LOOP,
     },
 ];
 

@@ -1,6 +1,7 @@
 //! Loading, configuring and attaching the eBPF programs, and reading what
 //! they send.
 
+pub mod compat;
 pub mod hooks;
 pub mod offsets;
 pub mod tracefs;
@@ -15,8 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    sock_slot_home, stats, Config, SockRecord, SockSlot, StateEvent, Touch, SHARED_CLOSE, SOCK_SLOT_PROBES,
-    STACKS_KERNEL, STACKS_USER,
+    sock_slot_home, stats, Config, SockRecord, SockSlot, StateEvent, Touch, COMPAT_IDS, COMPAT_NO_CMPXCHG,
+    SHARED_CLOSE, SOCK_SLOT_PROBES, STACKS_KERNEL, STACKS_USER,
 };
 
 use hooks::{Attach, HOOKS};
@@ -82,6 +83,10 @@ pub struct KernelStats {
     /// kernel's CLOSE_WAIT map was full (not a loss).
     #[serde(default)]
     pub close_wait_spilled: u64,
+    /// Sockets the kernel side could fix no id for, its id map being full
+    /// (kernels before 5.12 only): their events may split between two ids.
+    #[serde(default)]
+    pub ids_full: u64,
     /// Hook runs the kernel skipped because the same program was already
     /// running on that CPU (a state change in softirq interrupting one in
     /// a syscall): each a state change, accept or close never seen. The
@@ -101,6 +106,7 @@ impl KernelStats {
             || self.fd_unresolved > before.fd_unresolved
             || self.close_range_truncated > before.close_range_truncated
             || self.owners_full > before.owners_full
+            || self.ids_full > before.ids_full
             || self.hook_misses > before.hook_misses
     }
 }
@@ -125,6 +131,8 @@ pub struct Kernel {
     watch_full: u64,
     reported_full: u64,
     pub hooks: Vec<HookStatus>,
+    /// The fallbacks taken for what this kernel lacks.
+    pub fallbacks: Vec<compat::FallbackStatus>,
     /// The loaded programs' fds, whose fdinfo has the kernel's count of
     /// skipped runs.
     program_fds: Vec<RawFd>,
@@ -133,6 +141,19 @@ pub struct Kernel {
     hook_misses_at_stop: Option<u64>,
 }
 
+/// The state hook was rejected for something the kernel lacks that a
+/// fallback avoids: load again with it.
+#[derive(Debug)]
+struct NeedsFallback(u32);
+
+impl std::fmt::Display for NeedsFallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the kernel needs fallback {:#x}", self.0)
+    }
+}
+
+impl std::error::Error for NeedsFallback {}
+
 impl Kernel {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         // Parsed, used and dropped before aya parses the same BTF again: the
@@ -140,37 +161,19 @@ impl Kernel {
         let offs = offsets::resolve(&offsets::load_btf()?)?;
         let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
         raise_memlock();
-        let socket_slots = opts.socket_entries.checked_next_power_of_two().unwrap_or(1 << 31);
-        let socket_slots_mask = socket_slots - 1;
-        let config = Config {
-            filter_tgid: opts.filter_tgid.unwrap_or(0),
-            stacks: match (opts.user_stacks, opts.kernel_stacks) {
-                (false, _) => 0,
-                (true, false) => STACKS_USER,
-                (true, true) => STACKS_USER | STACKS_KERNEL,
-            },
-            wakeup_bytes: opts.wakeup_bytes,
-            stack_rate: opts.stack_rate,
-            follow: u32::from(opts.follow.is_some()),
-            promote_ns: opts.follow.unwrap_or(0),
-            socket_slots_mask,
-            _pad: 0,
+        let mut compat = compat::probe();
+        let (mut ebpf, hooks, socket_slots_mask) = loop {
+            match load_and_attach(opts, &offs, &btf, compat) {
+                Ok(loaded) => break loaded,
+                Err(e) => match e.downcast_ref::<NeedsFallback>() {
+                    Some(NeedsFallback(bit)) => {
+                        log::info!("the state hook needs a fallback on this kernel ({e}); loading again");
+                        compat |= bit;
+                    }
+                    None => return Err(e),
+                },
+            }
         };
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global("OFFSETS", &offs, true)
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("EVENTS", opts.ring_bytes)
-            .map_max_entries("WATCH", opts.watch_entries)
-            .map_max_entries("REPORTED", opts.reported_entries)
-            .map_max_entries("CLOSE_WAIT", opts.close_wait_entries)
-            .map_max_entries("SOCK_SLOTS", socket_slots)
-            .map_max_entries("SOCKS", opts.socket_entries.min(SOCKS_OVERFLOW_ENTRIES))
-            .load(OBJECT)
-            .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
-        // The eBPF side logs only rare diagnostics (a socket it could not
-        // read); everything frequent is a counter. Without the logger those
-        // few lines are lost, nothing else.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -178,34 +181,6 @@ impl Kernel {
                 None
             }
         };
-
-        let mut hooks = Vec::new();
-        for hook in HOOKS {
-            let result = attach(&mut ebpf, hook, &btf);
-            match result {
-                Ok(()) => hooks.push(HookStatus {
-                    hook: hook.name,
-                    attached: true,
-                    error: None,
-                    lost: None,
-                }),
-                Err(e) if hook.required => {
-                    if let Some(too_old) = e.downcast_ref::<Rejected>().and_then(|r| r.too_old(&release())) {
-                        anyhow::bail!(too_old);
-                    }
-                    return Err(privilege_hint(e, &format!("attaching {}", hook.target())));
-                }
-                Err(e) => {
-                    log::warn!("{} not attached ({e:#}); lost: {}", hook.target(), hook.purpose);
-                    hooks.push(HookStatus {
-                        hook: hook.name,
-                        attached: false,
-                        error: Some(format!("{e:#}")),
-                        lost: Some(hook.purpose),
-                    });
-                }
-            }
-        }
 
         // The parsed kernel BTF (~40 MiB here) is needed only to load and
         // attach: freed before the ring buffer is mapped (16 MiB resident,
@@ -245,6 +220,7 @@ impl Kernel {
             watch_full: 0,
             reported_full: 0,
             hooks,
+            fallbacks: compat::statuses(compat),
             program_fds,
             hook_misses_at_stop: None,
         })
@@ -319,6 +295,7 @@ impl Kernel {
             stack_walk_truncated: sum(stats::STACK_WALK_TRUNCATED)?,
             owners_full: sum(stats::OWNERS_FULL)?,
             close_wait_spilled: sum(stats::CLOSE_WAIT_SPILLED)?,
+            ids_full: sum(stats::IDS_FULL)?,
             hook_misses: self.hook_misses_at_stop.unwrap_or_else(|| self.hook_misses()),
         })
     }
@@ -400,6 +377,109 @@ impl Kernel {
     }
 }
 
+/// Loads the object configured for `compat` (what this kernel lacks) and
+/// attaches every hook; with the hooks' status and the socket table's mask.
+fn load_and_attach(
+    opts: &LoadOptions,
+    offs: &tracer_common::KernelOffsets,
+    btf: &aya::Btf,
+    compat: u32,
+) -> Result<(Ebpf, Vec<HookStatus>, u32)> {
+    // Without compare-and-exchange the table is the overflow map alone,
+    // sized for every socket; the slot array is left one entry.
+    let slots_used = compat & COMPAT_NO_CMPXCHG == 0;
+    let socket_slots = if slots_used {
+        opts.socket_entries.checked_next_power_of_two().unwrap_or(1 << 31)
+    } else {
+        1
+    };
+    let socks_entries = if slots_used {
+        opts.socket_entries.min(SOCKS_OVERFLOW_ENTRIES)
+    } else {
+        opts.socket_entries
+    };
+    let socket_slots_mask = socket_slots - 1;
+    // (A Vec from the allocator is 16-byte aligned, as the ELF parser needs.)
+    let rewritten;
+    let object: &[u8] = if slots_used {
+        OBJECT
+    } else {
+        rewritten = compat::without_new_atomics(OBJECT)?;
+        &rewritten
+    };
+    let config = Config {
+        filter_tgid: opts.filter_tgid.unwrap_or(0),
+        stacks: match (opts.user_stacks, opts.kernel_stacks) {
+            (false, _) => 0,
+            (true, false) => STACKS_USER,
+            (true, true) => STACKS_USER | STACKS_KERNEL,
+        },
+        wakeup_bytes: opts.wakeup_bytes,
+        stack_rate: opts.stack_rate,
+        follow: u32::from(opts.follow.is_some()),
+        promote_ns: opts.follow.unwrap_or(0),
+        socket_slots_mask,
+        compat,
+    };
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(btf))
+        .override_global("OFFSETS", offs, true)
+        .override_global("CONFIG", &config, true)
+        .map_max_entries("EVENTS", opts.ring_bytes)
+        .map_max_entries("WATCH", opts.watch_entries)
+        .map_max_entries("REPORTED", opts.reported_entries)
+        .map_max_entries("CLOSE_WAIT", opts.close_wait_entries)
+        .map_max_entries("SOCK_SLOTS", socket_slots)
+        .map_max_entries("SOCKS", socks_entries)
+        // Only used where ids are fixed by the kernel side (`COMPAT_IDS`).
+        .map_max_entries("IDS", if compat & COMPAT_IDS != 0 { IDS_ENTRIES } else { 1 })
+        .load(object)
+        .map_err(|e| privilege_hint(anyhow!(e), "loading the eBPF programs"))?;
+
+    let mut hooks = Vec::new();
+    for hook in HOOKS {
+        if let Some(f) = compat::FALLBACKS.iter().find(|f| hook.unless & compat & f.bit != 0) {
+            hooks.push(HookStatus {
+                hook: hook.name,
+                attached: false,
+                error: Some(format!("this kernel lacks {} (Linux {}+)", f.lacks, f.since)),
+                lost: Some(hook.purpose),
+            });
+            continue;
+        }
+        match attach(&mut ebpf, hook, btf) {
+            Ok(()) => hooks.push(HookStatus {
+                hook: hook.name,
+                attached: true,
+                error: None,
+                lost: None,
+            }),
+            Err(e) if hook.required => {
+                if let Some(r) = e.downcast_ref::<Rejected>() {
+                    let bit = r.fallback();
+                    if bit != 0 && compat & bit == 0 {
+                        return Err(anyhow!(NeedsFallback(bit)).context(r.to_string()));
+                    }
+                    if let Some(too_old) = r.too_old(&release()) {
+                        anyhow::bail!(too_old);
+                    }
+                }
+                return Err(privilege_hint(e, &format!("attaching {}", hook.target())));
+            }
+            Err(e) => {
+                log::warn!("{} not attached ({e:#}); lost: {}", hook.target(), hook.purpose);
+                hooks.push(HookStatus {
+                    hook: hook.name,
+                    attached: false,
+                    error: Some(format!("{e:#}")),
+                    lost: Some(hook.purpose),
+                });
+            }
+        }
+    }
+    Ok((ebpf, hooks, socket_slots_mask))
+}
+
 fn attach(ebpf: &mut Ebpf, hook: &hooks::Hook, btf: &aya::Btf) -> Result<()> {
     let prog = ebpf
         .program_mut(hook.program)
@@ -470,6 +550,10 @@ fn raise_memlock() {
 /// Entries of the kernel's overflow socket map (sockets whose slots in
 /// the socket table were all taken).
 const SOCKS_OVERFLOW_ENTRIES: u32 = 16384;
+
+/// Live sockets the kernel side can fix an id for where it must
+/// (`COMPAT_IDS`); beyond them, counted (`ids_full`).
+const IDS_ENTRIES: u32 = 65536;
 
 /// The kernel's count of runs of the program behind `fd` skipped because
 /// it was already running on that CPU (`recursion_misses` in its fdinfo;

@@ -49,8 +49,18 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
             .or_else(|_| field_offset(btf, "file", "f_count"))
             .context("kernel BTF: file.f_ref / file.f_count")?,
         file_ref_one: u32::from(field_offset(btf, "file", "f_ref").is_err()),
+        task_stack: f("task_struct", "stack")?,
+        thread_size: thread_size(btf),
         socket_file_ops: kallsyms_address("socket_file_ops").unwrap_or(0),
     })
+}
+
+/// x86_64's `THREAD_SIZE`: 16 KiB, doubled under KASAN (whose functions
+/// the BTF then lists). Only the fallback for kernels without
+/// `bpf_task_pt_regs` uses it.
+fn thread_size(btf: &Btf) -> u32 {
+    let kasan = btf.resolve_types_by_name("kasan_report").is_ok_and(|t| !t.is_empty());
+    16384 << u32::from(kasan)
 }
 
 /// Byte offset of `member` in `struct name`, looking through anonymous

@@ -1,37 +1,43 @@
 //! What a verifier rejection means, in one line: the reason out of a log
 //! of thousands, and, when the reason is a kernel that lacks a helper or
-//! an instruction this tracer uses, which Linux release brought it.
+//! an instruction this tracer uses, which Linux release brought it and
+//! which fallback avoids it.
 
-/// The oldest kernel the eBPF programs load on: it is the first with every
-/// helper of [`HELPERS`] that a required hook calls (`bpf_task_pt_regs`
-/// came last), and the kernel's BTF is required besides.
-pub const MIN_KERNEL: &str = "5.15";
+use tracer_common::{COMPAT_IDS, COMPAT_NO_CMPXCHG, COMPAT_NO_LOOP, COMPAT_NO_PT_REGS, COMPAT_NO_TASK_BTF};
+
+/// The oldest kernel the tracer is tested on and supports. The programs
+/// need the ring buffer (5.8) and BTF; what 5.10 lacks of the rest has a
+/// fallback (see `compat`).
+pub const MIN_KERNEL: &str = "5.10";
 
 /// Helpers the programs call, by the name and number the verifier prints,
-/// and the release that let tracing programs call them.
-const HELPERS: &[(&str, u32, &str)] = &[
-    ("bpf_ringbuf_output", 130, "5.8"),
-    ("bpf_ringbuf_query", 134, "5.8"),
-    ("bpf_get_current_task_btf", 158, "5.11"),
-    ("bpf_get_socket_cookie", 46, "5.12"),
-    ("bpf_task_pt_regs", 175, "5.15"),
-    ("bpf_loop", 181, "5.17"),
+/// the release that let tracing programs call them, and the fallback
+/// (`COMPAT_*` bit) for a kernel without them, if any.
+const HELPERS: &[(&str, u32, &str, u32)] = &[
+    ("bpf_ringbuf_output", 130, "5.8", 0),
+    ("bpf_ringbuf_query", 134, "5.8", 0),
+    ("bpf_get_current_task_btf", 158, "5.11", COMPAT_NO_TASK_BTF),
+    ("bpf_get_socket_cookie", 46, "5.12", COMPAT_IDS),
+    ("bpf_task_pt_regs", 175, "5.15", COMPAT_NO_PT_REGS),
+    ("bpf_loop", 181, "5.17", COMPAT_NO_LOOP),
 ];
 
 /// Instructions older verifiers reject, by their words for it: what it
-/// is, and the release that brought it.
-const INSTRUCTIONS: &[(&str, &str, &str)] = &[
+/// is, the release that brought it, and the fallback.
+const INSTRUCTIONS: &[(&str, &str, &str, u32)] = &[
     // 5.10 knows only the plain atomic add: any other operation (a fetch,
     // cmpxchg) is a reserved field to it.
     (
         "BPF_STX uses reserved fields",
         "BPF_ATOMIC fetch and compare-and-exchange instructions",
         "5.12",
+        COMPAT_NO_CMPXCHG,
     ),
     (
         "invalid atomic operand",
         "BPF_ATOMIC fetch and compare-and-exchange instructions",
         "5.12",
+        COMPAT_NO_CMPXCHG,
     ),
 ];
 
@@ -58,14 +64,26 @@ const TRAILER: &[&str] = &[
 pub struct Rejected {
     reason: String,
     missing: Option<(String, &'static str)>,
+    fallback: u32,
 }
 
 impl Rejected {
     pub fn from_log(log: &str) -> Self {
+        let (missing, fallback) = match missing_feature(log) {
+            Some((what, since, bit)) => (Some((what, since)), bit),
+            None => (None, 0),
+        };
         Rejected {
             reason: reason(log),
-            missing: missing_feature(log),
+            missing,
+            fallback,
         }
+    }
+
+    /// The `COMPAT_*` bit whose fallback avoids what the kernel lacks (0:
+    /// none does).
+    pub fn fallback(&self) -> u32 {
+        self.fallback
     }
 
     /// When the kernel lacks something the programs use: the one line
@@ -122,18 +140,18 @@ fn reason(log: &str) -> String {
 /// What the kernel lacks, if that is why it refused the program: a helper
 /// (for tracing programs) or an instruction, and the release that
 /// brought it.
-fn missing_feature(log: &str) -> Option<(String, &'static str)> {
+fn missing_feature(log: &str) -> Option<(String, &'static str, u32)> {
     log.lines().find_map(|line| {
-        if let Some((_, what, since)) = INSTRUCTIONS.iter().find(|(p, ..)| line.contains(p)) {
-            return Some((what.to_string(), *since));
+        if let Some((_, what, since, bit)) = INSTRUCTIONS.iter().find(|(p, ..)| line.contains(p)) {
+            return Some((what.to_string(), *since, *bit));
         }
         let rest = MISSING_HELPER.iter().find_map(|p| line.split_once(p).map(|(_, r)| r))?;
         let (name, number) = rest.trim().split_once('#')?;
         let number: u32 = number.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()?;
         HELPERS
             .iter()
-            .find(|(n, id, _)| *n == name || *id == number)
-            .map(|(n, _, v)| (format!("{n} for tracing programs"), *v))
+            .find(|(n, id, ..)| *n == name || *id == number)
+            .map(|(n, _, v, bit)| (format!("{n} for tracing programs"), *v, *bit))
     })
 }
 
@@ -150,17 +168,27 @@ mod tests {
         processed 12 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0\n";
 
     #[test]
-    fn names_the_missing_helper_and_its_release() {
+    fn names_the_missing_helper_and_its_fallback() {
         assert_eq!(reason(OLD_KERNEL), "unknown func bpf_get_socket_cookie#46");
-        assert_eq!(
-            Rejected::from_log(OLD_KERNEL).too_old("5.10.0-46-amd64").as_deref(),
-            Some(
-                "this kernel (5.10.0-46-amd64) is too old for tracer: its eBPF verifier lacks bpf_get_socket_cookie for tracing programs (Linux 5.12+); tracer needs Linux 5.15 or newer, with BTF (see README, Requirements)"
-            )
-        );
+        let r = Rejected::from_log(OLD_KERNEL);
+        assert_eq!(r.fallback(), COMPAT_IDS);
         assert_eq!(
             missing_feature(OLD_KERNEL),
-            Some(("bpf_get_socket_cookie for tracing programs".into(), "5.12"))
+            Some(("bpf_get_socket_cookie for tracing programs".into(), "5.12", COMPAT_IDS))
+        );
+    }
+
+    /// 5.7 has no ring buffer, which nothing replaces.
+    #[test]
+    fn too_old_without_a_fallback() {
+        let log = "9: (85) call bpf_ringbuf_output#130\nunknown func bpf_ringbuf_output#130\nprocessed 9 insns\n";
+        let r = Rejected::from_log(log);
+        assert_eq!(r.fallback(), 0);
+        assert_eq!(
+            r.too_old("5.7.0").as_deref(),
+            Some(
+                "this kernel (5.7.0) is too old for tracer: its eBPF verifier lacks bpf_ringbuf_output for tracing programs (Linux 5.8+); tracer needs Linux 5.10 or newer, with BTF (see README, Requirements)"
+            )
         );
     }
 
@@ -169,7 +197,7 @@ mod tests {
         let log = "7: (85) call unknown#181\ninvalid func unknown#181\nprocessed 7 insns\n";
         assert_eq!(
             missing_feature(log),
-            Some(("bpf_loop for tracing programs".into(), "5.17"))
+            Some(("bpf_loop for tracing programs".into(), "5.17", COMPAT_NO_LOOP))
         );
     }
 
@@ -180,7 +208,7 @@ mod tests {
         assert_eq!(reason(log), "BPF_STX uses reserved fields");
         assert_eq!(
             missing_feature(log),
-            Some(("BPF_ATOMIC fetch and compare-and-exchange instructions".into(), "5.12"))
+            Some(("BPF_ATOMIC fetch and compare-and-exchange instructions".into(), "5.12", COMPAT_NO_CMPXCHG))
         );
     }
 

@@ -1,12 +1,12 @@
 //! Leak evidence gathered off the drain loop.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 #[cfg(debug_assertions)]
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use crate::evidence::{self, Evidence};
+use crate::evidence::{self, Evidence, Wanted};
 
 /// An evidence gathering running on a worker thread: a sock_diag dump and
 /// a scan of every process's fds take long on a big host, and the ring
@@ -17,7 +17,7 @@ pub(super) struct EvidenceJob {
     handle: JoinHandle<HashMap<u64, Evidence>>,
 }
 
-pub(super) fn spawn_evidence(cookies: HashSet<u64>, ns: u64) -> EvidenceJob {
+pub(super) fn spawn_evidence(want: Wanted, ns: u64) -> EvidenceJob {
     let handle = tokio::task::spawn_blocking(move || {
         // Lets a test show that a slow gathering does not stop the drain.
         #[cfg(debug_assertions)]
@@ -27,7 +27,7 @@ pub(super) fn spawn_evidence(cookies: HashSet<u64>, ns: u64) -> EvidenceJob {
         {
             std::thread::sleep(Duration::from_millis(ms));
         }
-        evidence::gather(&cookies)
+        evidence::gather(&want)
     });
     EvidenceJob { ns, handle }
 }

@@ -180,6 +180,7 @@ pub async fn run(args: TraceArgs, output: Output) -> Result<()> {
         preexisting_sockets: preexisting,
         kernel: Some(crate::kernel::release()),
         snapshot_error,
+        fallbacks: kernel.fallbacks.clone(),
     })?;
     if let Output::Record { path, rotate, .. } = &output {
         let to = match rotate {

@@ -16,7 +16,7 @@ use crate::{
     clock,
     decode::{decode_record, Event, Record},
     engine::Engine,
-    evidence::{self, Evidence},
+    evidence::{self, Evidence, Wanted},
     input::{EndInput, EvidenceInput, Input, ProcessInput, StackInput, StatsInput},
     kernel::Kernel,
     procs::ProcNames,
@@ -204,7 +204,7 @@ impl Session {
             // Fed now, so that those already due get their evidence.
             self.flush_inputs()?;
         }
-        let due: HashSet<u64> = self.engine.due_leaks(now).into_iter().collect();
+        let due = self.engine.evidence_wanted(self.engine.due_leaks(now));
         if !due.is_empty() {
             // At most one gathering per EVIDENCE_EVERY.
             if now.saturating_sub(self.last_evidence_ns) >= EVIDENCE_EVERY.as_nanos() as u64 {
@@ -261,11 +261,11 @@ impl Session {
     }
 
     /// Gathers evidence here and now: only where nothing is left to drain.
-    fn push_evidence(&mut self, cookies: HashSet<u64>, now: u64) {
-        if cookies.is_empty() {
+    fn push_evidence(&mut self, want: Wanted, now: u64) {
+        if want.is_empty() {
             return;
         }
-        let items: Vec<_> = evidence::gather(&cookies).into_iter().collect();
+        let items: Vec<_> = evidence::gather(&want).into_iter().collect();
         if !items.is_empty() {
             self.inputs.push(Input::Evidence(EvidenceInput { ns: now, items }));
         }
@@ -331,9 +331,10 @@ impl Session {
         if let Some(promote_ns) = self.follow {
             self.read_close_wait(kernel, now, promote_ns);
         }
-        let mut cookies: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();
-        cookies.extend(self.engine.due_leaks(now));
-        self.push_evidence(cookies, now);
+        let mut ids: HashSet<u64> = self.engine.current_leak_cookies().into_iter().collect();
+        ids.extend(self.engine.due_leaks(now));
+        let want = self.engine.evidence_wanted(ids);
+        self.push_evidence(want, now);
         self.inputs.push(Input::Tick(now));
         self.push_stats(kernel);
         self.inputs.push(Input::End(EndInput {

@@ -247,6 +247,7 @@ pub(super) fn evidence(c: &Conn, unread: u32, holders: Vec<HolderOut>, netns: u6
             holders,
             found: true,
             netns: Some(netns),
+            cookie: None,
         },
     )
 }

@@ -21,7 +21,7 @@ pub use text::TextSink;
 pub use crate::findings::{Group, LeakOut};
 use crate::{
     correlate::CorrelatorStats,
-    kernel::{HookStatus, KernelStats},
+    kernel::{compat::FallbackStatus, HookStatus, KernelStats},
 };
 
 #[derive(Debug, Serialize)]
@@ -37,6 +37,10 @@ pub struct Start {
     /// not: tracing goes on without them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_error: Option<String>,
+    /// What this kernel lacks, and what the tracer does instead (live
+    /// tracing only; empty on a kernel that has it all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<FallbackStatus>,
 }
 
 /// One kernel event, for `--events`.

@@ -200,6 +200,9 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
                 "tracer: warning: existing sockets unread ({e}); lost: leaks older than tracer, and leak evidence"
             )?;
         }
+        for f in &s.fallbacks {
+            writeln!(self.err, "tracer: note: this kernel lacks {}; instead {}", f.lacks, f.instead)?;
+        }
         for h in s.hooks.iter().filter(|h| !h.attached) {
             writeln!(
                 self.err,
@@ -215,7 +218,7 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let k = &l.kernel;
         writeln!(
             self.err,
-            "tracer: WARNING [{}]: {} events lost to a full ring buffer ({} in all); stacks lost {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept {}, hook runs skipped by the kernel {}: findings may be incomplete",
+            "tracer: WARNING [{}]: {} events lost to a full ring buffer ({} in all); stacks lost {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept {}, socket ids not fixed {}, hook runs skipped by the kernel {}: findings may be incomplete",
             l.time,
             l.new_ringbuf_drops,
             k.ringbuf_drops,
@@ -225,6 +228,7 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             k.fd_unresolved,
             k.close_range_truncated,
             k.owners_full,
+            k.ids_full,
             k.hook_misses
         )
     }
@@ -353,8 +357,8 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
         let k = &s.stats.kernel;
         writeln!(
             o,
-            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}, stacks cut at the depth bound {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept (socket map full) {}, CLOSE_WAIT records spilled to the ring buffer {}, hook runs skipped by the kernel (program already running on that CPU) {}",
-            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out, k.stack_walk_truncated, k.watch_full, k.reported_full, k.fd_unresolved, k.close_range_truncated, k.owners_full, k.close_wait_spilled, k.hook_misses
+            "events: kernel generated {}, ring-buffer drops {}, agent processed {}, sockets seen {}, untracked (table full) {}, decode errors {}, stacks lost {}, open stacks sampled out {}, stacks cut at the depth bound {}, watch-list full {}, reported-list full {}, fds unresolved {}, close_range calls cut {}, owners not kept (socket map full) {}, CLOSE_WAIT records spilled to the ring buffer {}, socket ids not fixed (id map full) {}, hook runs skipped by the kernel (program already running on that CPU) {}",
+            k.generated, k.ringbuf_drops, s.stats.agent.events, s.stats.agent.sockets_seen, s.stats.agent.untracked_table_full, s.stats.decode_errors, k.stack_errors, k.stacks_sampled_out, k.stack_walk_truncated, k.watch_full, k.reported_full, k.fd_unresolved, k.close_range_truncated, k.owners_full, k.close_wait_spilled, k.ids_full, k.hook_misses
         )?;
         if k.ringbuf_drops > 0 {
             writeln!(
