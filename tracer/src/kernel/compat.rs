@@ -173,7 +173,13 @@ mod tests {
             let file = object::File::parse(bytes).expect("ELF");
             file.sections()
                 .filter(|s| s.kind() == SectionKind::Text)
-                .map(|s| s.data().expect("data").chunks_exact(8).filter(|i| is_new_atomic(i)).count())
+                .map(|s| {
+                    s.data()
+                        .expect("data")
+                        .chunks_exact(8)
+                        .filter(|i| is_new_atomic(i))
+                        .count()
+                })
                 .sum::<usize>()
         };
         assert!(count(super::super::OBJECT) > 0);

@@ -208,7 +208,11 @@ mod tests {
         assert_eq!(reason(log), "BPF_STX uses reserved fields");
         assert_eq!(
             missing_feature(log),
-            Some(("BPF_ATOMIC fetch and compare-and-exchange instructions".into(), "5.12", COMPAT_NO_CMPXCHG))
+            Some((
+                "BPF_ATOMIC fetch and compare-and-exchange instructions".into(),
+                "5.12",
+                COMPAT_NO_CMPXCHG
+            ))
         );
     }
 

@@ -201,7 +201,11 @@ impl<W: Write, E: Write> Sink for TextSink<W, E> {
             )?;
         }
         for f in &s.fallbacks {
-            writeln!(self.err, "tracer: note: this kernel lacks {}; instead {}", f.lacks, f.instead)?;
+            writeln!(
+                self.err,
+                "tracer: note: this kernel lacks {}; instead {}",
+                f.lacks, f.instead
+            )?;
         }
         for h in s.hooks.iter().filter(|h| !h.attached) {
             writeln!(
