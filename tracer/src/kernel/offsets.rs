@@ -11,7 +11,8 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub fn load_btf() -> Result<Btf> {
     if !std::path::Path::new(VMLINUX_BTF).exists() {
         bail!(
-            "this kernel exposes no BTF ({VMLINUX_BTF} is missing); tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+            "this kernel exposes no BTF ({VMLINUX_BTF} is missing); tracer needs Linux {} or newer built with CONFIG_DEBUG_INFO_BTF=y (see README, Requirements)",
+            super::verifier::MIN_KERNEL
         );
     }
     // Parse from memory: reading the file through btf-rs costs ~100k seeks.
