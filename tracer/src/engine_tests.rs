@@ -1,10 +1,16 @@
-//! The engine's caches over a long run: names and stacks that no tracked
-//! socket refers to are forgotten in rounds, never what a leak still needs.
+//! The engine: its caches over a long run (names and stacks that no tracked
+//! socket refers to are forgotten in rounds, never what a leak still
+//! needs), and which cookie a leak shows.
 
 use tracer_common::{tcp, EventKind, Header, StateEvent, NO_STACK};
 
 use super::*;
-use crate::{correlate::Comm, input::ProcessInput, sink::NullSink, stacks::Frame};
+use crate::{
+    correlate::Comm,
+    input::{EvidenceInput, ProcessInput},
+    sink::NullSink,
+    stacks::Frame,
+};
 
 const MS: u64 = 1_000_000;
 const LEAK_AFTER: u64 = 1000 * MS;
@@ -114,4 +120,48 @@ fn forgets_only_what_no_socket_refers_to() {
         assert!(out.open_stack_error.is_none(), "{out:?}");
         assert_eq!(out.open_stack.len(), 1, "{out:?}");
     }
+}
+
+/// On kernels before 5.12 a socket may be known by its address: its leak
+/// shows the cookie its evidence (sock_diag) names, and without evidence
+/// the id it is known by.
+#[test]
+fn a_leak_known_by_its_address_shows_the_cookie_its_evidence_names() {
+    let mut e = Engine::new(
+        Correlator::new(LEAK_AFTER, None, 1 << 20),
+        WallClock::from_offset(0),
+        false,
+    );
+    let sink = &mut NullSink;
+    let address_id = 0xffff_8881_0000_1000;
+    assert!(tracer_common::is_address_id(address_id));
+    for (id, t) in [(address_id, 10), (address_id + 0x1000, 10)] {
+        for i in [
+            state(t, 7, id, tcp::CLOSE, tcp::SYN_SENT),
+            state(t, 7, id, tcp::SYN_SENT, tcp::ESTABLISHED),
+            state(t + 1, 7, id, tcp::ESTABLISHED, tcp::CLOSE_WAIT),
+        ] {
+            e.feed(&i, sink).unwrap();
+        }
+    }
+    let evidence = Evidence {
+        unread_now: Some(0),
+        holders: Vec::new(),
+        found: true,
+        netns: None,
+        cookie: Some(4242),
+    };
+    e.feed(
+        &Input::Evidence(EvidenceInput {
+            ns: 20 * MS,
+            items: vec![(address_id, evidence)],
+        }),
+        sink,
+    )
+    .unwrap();
+    let now = 20 * MS + LEAK_AFTER;
+    e.feed(&Input::Tick(now), sink).unwrap();
+    let mut shown: Vec<u64> = e.corr.current_leaks(now).iter().map(|l| e.leak_out(l).cookie).collect();
+    shown.sort_unstable();
+    assert_eq!(shown, [4242, address_id + 0x1000]);
 }

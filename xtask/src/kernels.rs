@@ -65,8 +65,8 @@ const SUBSET: &[(&str, &[&str])] = &[
 ];
 
 /// How much longer the tests wait for anything in a guest: software
-/// emulation runs programs 10–15 times slower (the tracer starts in ~25 s
-/// instead of ~2 s).
+/// emulation runs programs 10–15 times slower (a debug tracer starts in
+/// ~25 s instead of ~2 s).
 const SLOWDOWN: u32 = 15;
 
 /// Guest memory: enough for the tracer, its fixtures and the tests.
