@@ -77,13 +77,18 @@ fn closed(pid: u32, t_ms: u64) -> Vec<Input> {
     ]
 }
 
-#[test]
-fn forgets_only_what_no_socket_refers_to() {
-    let mut e = Engine::new(
+/// A host-wide engine with room for every socket.
+fn engine() -> Engine {
+    Engine::new(
         Correlator::new(LEAK_AFTER, None, 1 << 20),
         WallClock::from_offset(0),
         false,
-    );
+    )
+}
+
+#[test]
+fn forgets_only_what_no_socket_refers_to() {
+    let mut e = engine();
     let sink = &mut NullSink;
     let n = (CACHE_CAP + 100) as u32;
     // Every process's socket closes at once, except the first ten, which
@@ -127,11 +132,7 @@ fn forgets_only_what_no_socket_refers_to() {
 /// the id it is known by.
 #[test]
 fn a_leak_known_by_its_address_shows_the_cookie_its_evidence_names() {
-    let mut e = Engine::new(
-        Correlator::new(LEAK_AFTER, None, 1 << 20),
-        WallClock::from_offset(0),
-        false,
-    );
+    let mut e = engine();
     let sink = &mut NullSink;
     let address_id = 0xffff_8881_0000_1000;
     assert!(tracer_common::is_address_id(address_id));
