@@ -220,7 +220,7 @@ impl StackSymbolizer {
 
     /// Whether `pid` runs a HotSpot JVM (None: the process is gone).
     pub fn runs_jvm(&mut self, pid: u32) -> Option<bool> {
-        self.procs.get(pid, &[]).map(|c| c.jvm.is_some())
+        self.procs.get(pid, &[], 0).map(|c| c.jvm.is_some())
     }
 
     /// A user stack walked in eBPF; its event follows.
@@ -241,7 +241,7 @@ impl StackSymbolizer {
     pub fn learn(&mut self, h: &mut Header, out: &mut Vec<StackInput>) {
         if h.ustack == USTACK_WALKED {
             if let Some(w) = self.user_pending.take(h) {
-                h.ustack = self.user_stack(h.tgid, &w, out);
+                h.ustack = self.user_stack(h.tgid, h.ktime_ns, &w, out);
             }
         }
         if h.kstack == KSTACK_SENT {
@@ -263,10 +263,10 @@ impl StackSymbolizer {
         id
     }
 
-    fn user_stack(&mut self, pid: u32, w: &WalkedStack, out: &mut Vec<StackInput>) -> i32 {
+    fn user_stack(&mut self, pid: u32, captured_ns: u64, w: &WalkedStack, out: &mut Vec<StackInput>) -> i32 {
         // One look at the process serves both the identity and the naming.
         let pcs: Vec<u64> = w.frames.iter().map(|f| f.pc).collect();
-        let mut ctx = self.procs.get(pid, &pcs);
+        let mut ctx = self.procs.get(pid, &pcs, captured_ns);
         let key = (pid, content_hash(&self.hasher, w, ctx.as_deref_mut()));
         let (id, new) = self.ids.get(key);
         if !new {

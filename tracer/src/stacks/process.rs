@@ -36,8 +36,10 @@ pub struct ProcessContext {
     start_time: u64,
     /// When the start time was last compared with the process's.
     checked: Instant,
-    /// When the mappings were last read.
-    maps_read: Instant,
+    /// When the mappings were last read, on the kernel's event clock: a
+    /// stack captured after it may hold code mapped since (a JVM commits
+    /// its code cache as it compiles).
+    maps_read_ns: u64,
     exec: Vec<ExecMap>,
     /// The JVM handle, or why this JVM's frames cannot be named. None for
     /// a process that is not a JVM.
@@ -52,7 +54,7 @@ impl ProcessContext {
             mem: open_mem(pid),
             start_time,
             checked: Instant::now(),
-            maps_read: Instant::now(),
+            maps_read_ns: 0,
             exec: Vec::new(),
             jvm: None,
         };
@@ -75,7 +77,9 @@ impl ProcessContext {
     /// Returns the first executable mapping of a file, if any (for
     /// [`check_map_files`]).
     fn refresh_maps(&mut self, p: &Process) -> Option<(u64, u64)> {
-        self.maps_read = Instant::now();
+        // Taken before reading: a mapping made during the read counts as
+        // made after it.
+        self.maps_read_ns = crate::clock::monotonic_ns();
         let maps = match p.maps() {
             Ok(m) => m,
             Err(e) => {
@@ -172,8 +176,10 @@ pub struct Processes {
 impl Processes {
     /// The context for `pid`, loaded or re-validated as needed; None when
     /// the process is gone. `addrs` are addresses the caller is about to
-    /// classify: a miss re-reads the mappings once (a library loaded since).
-    pub fn get(&mut self, pid: u32, addrs: &[u64]) -> Option<&mut ProcessContext> {
+    /// classify, captured at `captured_ns` (kernel clock): a miss re-reads
+    /// the mappings when they were read before the capture (a library
+    /// loaded, or JIT code committed, since).
+    pub fn get(&mut self, pid: u32, addrs: &[u64], captured_ns: u64) -> Option<&mut ProcessContext> {
         let stale = match self.by_pid.get_mut(&pid) {
             None => true,
             Some(c) if c.checked.elapsed() > RECHECK => {
@@ -195,9 +201,11 @@ impl Processes {
             self.by_pid.insert(pid, ctx);
         }
         let ctx = self.by_pid.get_mut(&pid)?;
-        if addrs.iter().any(|&a| ctx.exec_map(a).is_none()) && ctx.maps_read.elapsed() > RECHECK {
-            // A library loaded since the mappings were read; at most once
-            // per RECHECK, since a broken chain's garbage never maps.
+        if ctx.maps_read_ns <= captured_ns && addrs.iter().any(|&a| ctx.exec_map(a).is_none()) {
+            // Mapped after the read, before the capture. Read once per
+            // capture at most: mappings read after a capture hold all the
+            // code it could have run, so a broken chain's garbage does not
+            // make every stack of a process read its maps again.
             if let Ok(p) = Process::new(pid as i32) {
                 ctx.refresh_maps(&p);
             }
@@ -211,5 +219,40 @@ impl Processes {
         for (_, pid) in by_age.into_iter().take(CAP / 4) {
             self.by_pid.remove(&pid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JVM commits its code cache as it compiles: code mapped after the
+    /// mappings were read is found for a stack captured after it, and a
+    /// stack captured before the read does not read them again.
+    #[test]
+    fn code_mapped_after_the_maps_were_read_is_found() {
+        let pid = std::process::id();
+        let mut procs = Processes::default();
+        procs.get(pid, &[], 0).expect("this process");
+        // SAFETY: a fresh anonymous mapping, unmapped below.
+        let code = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(code, libc::MAP_FAILED);
+        let addr = code as u64 + 16;
+        let captured_ns = crate::clock::monotonic_ns();
+        let earlier = procs.get(pid, &[addr], 1).expect("this process");
+        assert!(earlier.exec_map(addr).is_none(), "captured before the read: not read again");
+        let later = procs.get(pid, &[addr], captured_ns).expect("this process");
+        assert!(later.exec_map(addr).is_some_and(|m| m.anonymous), "captured after: read again");
+        // SAFETY: mapped above, not referenced since.
+        unsafe { libc::munmap(code, 4096) };
     }
 }
