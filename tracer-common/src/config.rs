@@ -76,8 +76,12 @@ pub struct Config {
     /// it is sent. The agent reads only entries at least this old.
     pub promote_ns: u64,
     /// With `follow`: the socket table's slots less one (a power of two
-    /// less one; see [`crate::SockSlot`]).
+    /// less one; see [`crate::SOCK_SLOT_PROBES`]).
     pub socket_slots_mask: u32,
+    /// With `follow`: the CLOSE_WAIT table's slots less one (a power of
+    /// two less one; see [`crate::close_wait_home`]).
+    pub close_wait_slots_mask: u32,
+    pub _pad: u32,
     /// What the running kernel lacks, as `COMPAT_*` bits: each selects a
     /// fallback path. The object carries both paths; this value is a
     /// load-time constant, so the verifier never visits the path not
@@ -123,4 +127,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 104);
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);

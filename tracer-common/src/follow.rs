@@ -53,30 +53,39 @@ pub struct SockRecord {
     pub flags: u32,
 }
 
-/// A slot of the kernel's socket table (by `struct sock` address): open
-/// addressing over an array, claimed with a compare-and-swap on `key` (0:
-/// free), so keeping and dropping a socket's record takes no lock (a hash
-/// map's update takes a bucket lock with interrupts off, ~450 ns on these
-/// VMs). A socket whose [`SOCK_SLOT_PROBES`] slots are all taken goes to
-/// an overflow hash map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockSlot {
-    pub key: u64,
-    pub record: SockRecord,
-}
-
-/// Slots a socket may take, from its home slot on.
+/// The kernel's socket table (by `struct sock` address) is open addressing
+/// over two arrays of the same length: `SOCK_KEYS` (the address, 0: free)
+/// and `SOCK_RECORDS`. A slot is claimed with a compare-and-swap on its key
+/// and freed by clearing it, so keeping and dropping a socket's record
+/// takes no lock (a hash map's update takes a bucket lock with interrupts
+/// off, ~450 ns on these VMs). A socket may take any slot of its group of
+/// [`SOCK_SLOT_PROBES`]: their keys are adjacent, so looking for a socket
+/// (or for a free slot) reads one or two cache lines of keys, not the
+/// records (80-byte slots with their keys inside made a miss read ten).
+/// A socket whose group is full goes to an overflow hash map.
 pub const SOCK_SLOT_PROBES: u32 = 8;
 
-/// A socket's home slot in a table of `mask + 1` slots (a power of two).
-/// From the address's low 32 bits only: the verifier lets a program take
-/// those of a socket pointer (a 32-bit move), not do arithmetic on the
-/// pointer itself. Socket addresses share their lowest bits (slab
-/// objects): a multiplicative hash spreads them.
+/// The first slot of a socket's group in a table of `mask + 1` slots (a
+/// power of two; in a smaller table than a group, the group's slots wrap
+/// onto the same few). From the address's low 32
+/// bits only: the verifier lets a program take those of a socket pointer
+/// (a 32-bit move), not do arithmetic on the pointer itself. Socket
+/// addresses share their lowest bits (slab objects): a multiplicative hash
+/// spreads them.
 #[inline(always)]
 pub fn sock_slot_home(sk: u64, mask: u32) -> u32 {
-    ((u64::from(sk as u32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask
+    ((u64::from(sk as u32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask & !(SOCK_SLOT_PROBES - 1)
+}
+
+/// The first slot of a cookie's group in the kernel's table of followed
+/// sockets now in CLOSE_WAIT (`CW_KEYS`, the cookies, 0: free; `CW_EVENTS`,
+/// the state changes into it, at the same index), `mask + 1` slots (a
+/// power of two), claimed and freed as the
+/// socket table's are. The agent scans the keys, which it maps into its
+/// memory, without a system call.
+#[inline(always)]
+pub fn close_wait_home(cookie: u64, mask: u32) -> u32 {
+    ((cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask & !(SOCK_SLOT_PROBES - 1)
 }
 
 /// [`SockRecord::flags`]: the socket has stayed in CLOSE_WAIT long enough
@@ -92,9 +101,7 @@ mod pod {
     // SAFETY: plain-old-data, repr(C), explicit padding.
     unsafe impl aya::Pod for super::SockRecord {}
     unsafe impl aya::Pod for super::Touch {}
-    unsafe impl aya::Pod for super::SockSlot {}
 }
 
 const _: () = assert!(core::mem::size_of::<Touch>() == 64);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 72);
-const _: () = assert!(core::mem::size_of::<SockSlot>() == 80);

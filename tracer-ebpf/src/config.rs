@@ -68,3 +68,9 @@ pub fn lacks(bit: u32) -> bool {
 pub fn socket_slots_mask() -> u32 {
     volatile(&CONFIG.socket_slots_mask)
 }
+
+/// The CLOSE_WAIT table's slots less one (see `close_wait`).
+#[inline(always)]
+pub fn close_wait_slots_mask() -> u32 {
+    volatile(&CONFIG.close_wait_slots_mask)
+}

@@ -2,7 +2,8 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    cty::c_void,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, generated as gen},
     programs::TracePointContext,
     EbpfContext,
 };
@@ -30,7 +31,11 @@ pub fn now() -> u64 {
 #[inline(always)]
 pub fn header(kind: u32, cookie: u64, skaddr: u64) -> Header {
     let mut h = header_without_comm(kind, cookie, skaddr);
-    h.comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    // Straight into the header: aya's wrapper returns the name by value,
+    // which the compiler zeroes and copies byte by byte through calls to
+    // memset.
+    // SAFETY: `comm` is COMM_LEN writable bytes; the helper NUL-pads.
+    unsafe { gen::bpf_get_current_comm(h.comm.as_mut_ptr() as *mut c_void, COMM_LEN as u32) };
     h
 }
 

@@ -24,7 +24,7 @@ use tracer_common::{
 };
 
 use crate::{
-    catalog, config,
+    catalog, close_wait, config,
     config::off,
     emit, ids,
     maps::{self, Counters},
@@ -153,7 +153,21 @@ fn known_to_agent(cw: *const StateEvent) -> bool {
 /// entry old enough that the agent may have read it.
 #[inline(always)]
 fn in_close_wait_known_to_agent(cookie: u64) -> bool {
-    cookie != 0 && maps::CLOSE_WAIT.get_ptr(&cookie).is_some_and(known_to_agent)
+    close_wait::get(cookie).is_some_and(|e| known_to_agent(e.change))
+}
+
+/// Whether the start-up snapshot may have put the socket whose CLOSE_WAIT
+/// entry this is in `WATCH`: with `--pid` it put every socket of the
+/// process there; host-wide only those it found in CLOSE_WAIT, which
+/// entered it before its dump ended (`SNAPSHOT_END`, 0 until known).
+#[inline(always)]
+fn maybe_in_snapshot(cw: *const StateEvent) -> bool {
+    if config::filter_tgid() != 0 {
+        return true;
+    }
+    let end = maps::SNAPSHOT_END.get(0).copied().unwrap_or(0);
+    // SAFETY: a map value, read at once.
+    end == 0 || unsafe { (*cw).header.ktime_ns } <= end
 }
 
 /// Sets `flag` in the socket's record, creating one (with no opener) if it
@@ -220,7 +234,7 @@ fn on_close_wait(ctx: &BtfTracePointContext, sk: *const c_void, oldstate: u8) {
     let cookie = cookie(sk);
     // Mostly in softirq or the peer's process: no comm.
     let mut ev = state::event(ctx, sk, cookie, oldstate, tcp::CLOSE_WAIT, false);
-    if maps::CLOSE_WAIT.insert(&cookie, &ev, 0).is_err() {
+    if !close_wait::insert(cookie, &ev) {
         maps::count(Counters::State, stats::CLOSE_WAIT_SPILLED);
         ev.header.kind = EventKind::CloseWait as u32;
         emit::send(&ev, Counters::State);
@@ -234,12 +248,12 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
         return;
     }
     let cookie = cookie(sk);
-    let entry = maps::CLOSE_WAIT.get_ptr(&cookie);
+    let entry = close_wait::get(cookie);
     // The agent knows the sockets its start-up snapshot found in
     // CLOSE_WAIT (in `WATCH`), even those the kernel side saw enter it
     // between attaching and the snapshot.
-    let send = match entry {
-        Some(cw) => known_to_agent(cw) || maps::WATCH.get_ptr(&cookie).is_some(),
+    let send = match &entry {
+        Some(e) => known_to_agent(e.change) || (maybe_in_snapshot(e.change) && maps::WATCH.get_ptr(&cookie).is_some()),
         // Not seen entering it: older than the tracer (the agent has it
         // from the snapshot), or spilled through the ring buffer.
         // (With --pid, `watched` has found it the process's.)
@@ -252,8 +266,8 @@ fn on_leave(ctx: &BtfTracePointContext, sk: *const c_void, newstate: u8) {
             add_flag(sk as u64, FOLLOWED, Counters::State);
         }
     }
-    if entry.is_some() {
-        let _ = maps::CLOSE_WAIT.remove(&cookie);
+    if let Some(e) = &entry {
+        close_wait::remove(cookie, e);
     }
     if newstate == tcp::CLOSE {
         destroyed(sk as u64, cookie, send, true);

@@ -24,6 +24,7 @@
 mod accept;
 mod catalog;
 mod close;
+mod close_wait;
 mod config;
 mod emit;
 mod fdsock;
@@ -32,6 +33,7 @@ mod ids;
 mod kstack;
 mod maps;
 mod scratch;
+mod slots;
 mod socks;
 mod state;
 mod ustack;

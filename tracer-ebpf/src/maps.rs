@@ -3,10 +3,11 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{stats, KernelStackEvent, SockRecord, SockSlot, StateEvent, Touch, UserStackEvent};
+use tracer_common::{stats, KernelStackEvent, SockRecord, StateEvent, Touch, UserStackEvent};
 
 /// All events, to the agent. Resized by the agent at load time.
 #[map]
@@ -95,6 +96,13 @@ pub enum Counters {
 #[map]
 pub static WATCH: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 
+/// Host-wide with sockets followed: when the start-up snapshot's dump
+/// ended (CLOSE_WAIT sockets it found are in `WATCH`; 0 until the agent
+/// writes it). A socket that entered CLOSE_WAIT later cannot be there, so
+/// the state hook does not look.
+#[map]
+pub static SNAPSHOT_END: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Whether any socket is marked in `REPORTED` (see `REPORTED_COUNT`).
 #[inline(always)]
 pub fn reported_any() -> bool {
@@ -110,12 +118,18 @@ pub fn count(set: Counters, index: u32) {
 }
 
 /// Followed sockets (`follow`): who opened each (connect, accept), by
-/// `struct sock` address, in an open-addressed table (see `socks`). Sized
-/// by the agent (a power of two).
+/// `struct sock` address, in an open-addressed table (see `socks`): the
+/// slots' keys (0: free). Sized by the agent (a power of two). Mappable
+/// only so that its values start on a page: a group of slots' keys is then
+/// one cache line.
 #[map]
-pub static SOCK_SLOTS: Array<SockSlot> = Array::with_max_entries(1 << 17, 0);
+pub static SOCK_KEYS: Array<u64> = Array::with_max_entries(1 << 17, BPF_F_MMAPABLE);
 
-/// Followed sockets whose slots in `SOCK_SLOTS` were all taken. Full:
+/// The records of the slots in `SOCK_KEYS`, at the same index.
+#[map]
+pub static SOCK_RECORDS: Array<SockRecord> = Array::with_max_entries(1 << 17, 0);
+
+/// Followed sockets whose slots in `SOCK_KEYS` were all taken. Full:
 /// counted (`OWNERS_FULL`). Sized by the agent.
 #[map]
 pub static SOCKS: HashMap<u64, SockRecord> = HashMap::with_max_entries(16384, 0);
@@ -155,10 +169,19 @@ pub fn count_socks(slot: u32, delta: u64) {
 #[map]
 pub static SHARED_CLOSES: HashMap<u64, Touch> = HashMap::with_max_entries(16384, 0);
 
-/// Followed sockets now in CLOSE_WAIT, by cookie: the state change that put
-/// them there. The agent reads the ones that stay (with their `SOCKS`
-/// record). Most stay microseconds, so it is nearly empty. Full: the
-/// change goes through the ring buffer instead (`CLOSE_WAIT_SPILLED`).
+/// Followed sockets now in CLOSE_WAIT (see `close_wait`): the slots' keys,
+/// cookies (0: free), which the agent maps into its memory. Sized by the
+/// agent (a power of two). Full: the change goes through the ring buffer
+/// instead (`CLOSE_WAIT_SPILLED`).
+#[map]
+pub static CW_KEYS: Array<u64> = Array::with_max_entries(16384, BPF_F_MMAPABLE);
+
+/// The changes into CLOSE_WAIT of the slots in `CW_KEYS`, at the same index.
+#[map]
+pub static CW_EVENTS: Array<StateEvent> = Array::with_max_entries(16384, 0);
+
+/// The CLOSE_WAIT table before Linux 5.12 (no compare-and-exchange to
+/// claim slots with), by cookie; one entry where slots are used.
 #[map]
 pub static CLOSE_WAIT: HashMap<u64, StateEvent> = HashMap::with_max_entries(16384, 0);
 

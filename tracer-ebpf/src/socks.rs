@@ -1,11 +1,11 @@
 //! The table of followed sockets' records (`follow`), by `struct sock`
-//! address: open addressing over `SOCK_SLOTS` (an array), a slot claimed
-//! with a compare-and-swap on its key and freed by clearing it. No lock is
+//! address: open addressing over `SOCK_KEYS` and `SOCK_RECORDS` (arrays),
+//! a slot claimed with a compare-and-swap on its key and freed by clearing
+//! it (see `tracer_common::SOCK_SLOT_PROBES`). No lock is
 //! taken: a hash map's update takes a bucket lock with interrupts off,
 //! which `perf` showed to be most of the state and accept hooks' cost.
 //!
-//! A socket is in one of its `SOCK_SLOT_PROBES` slots from its home slot,
-//! or, when they are all taken, in the overflow hash map `SOCKS` (counted,
+//! A socket is in one of the `SOCK_SLOT_PROBES` slots of its group, or, when they are all taken, in the overflow hash map `SOCKS` (counted,
 //! so that while it is empty nobody looks there).
 //!
 //! Before Linux 5.12 (no BPF_ATOMIC compare-and-exchange,
@@ -19,24 +19,26 @@
 //! The agent reads a record long after it was written (the socket has
 //! been in CLOSE_WAIT for a while) and checks the key again after reading.
 
-use core::intrinsics::{atomic_cxchg, AtomicOrdering};
-
 use aya_ebpf::bindings::BPF_NOEXIST;
-use tracer_common::{sock_slot_home, SockRecord, SockSlot, COMPAT_NO_CMPXCHG, SOCK_SLOT_PROBES};
+use tracer_common::{sock_slot_home, SockRecord, SOCK_SLOT_PROBES};
 
-use crate::{config, maps};
+use crate::{
+    config, maps,
+    slots::{self, claim, key as key_of},
+};
 
-/// Whether the array's slots are used (they cannot be claimed without
-/// compare-and-exchange).
+/// The key of the `i`th slot of `sk`'s group, and the slot's index.
 #[inline(always)]
-fn slots_used() -> bool {
-    !config::lacks(COMPAT_NO_CMPXCHG)
+fn slot(sk: u64, i: u32) -> Option<(*mut u64, u32)> {
+    let mask = config::socket_slots_mask();
+    let index = sock_slot_home(low32(sk), mask).wrapping_add(i) & mask;
+    maps::SOCK_KEYS.get_ptr_mut(index).map(|k| (k, index))
 }
 
+/// The record of slot `index`.
 #[inline(always)]
-fn slot(sk: u64, i: u32) -> Option<*mut SockSlot> {
-    let mask = config::socket_slots_mask();
-    maps::SOCK_SLOTS.get_ptr_mut(sock_slot_home(low32(sk), mask).wrapping_add(i) & mask)
+fn record(index: u32) -> Option<*mut SockRecord> {
+    maps::SOCK_RECORDS.get_ptr_mut(index)
 }
 
 /// The low 32 bits of a socket address, as a plain number. The state
@@ -51,20 +53,6 @@ fn low32(sk: u64) -> u64 {
     lo
 }
 
-#[inline(always)]
-fn key_of(s: *mut SockSlot) -> u64 {
-    // SAFETY: an array map value; other CPUs may write the key, hence the
-    // volatile read.
-    unsafe { core::ptr::read_volatile(&(*s).key) }
-}
-
-/// Claims a free slot for `sk`: whether it is now `sk`'s.
-#[inline(always)]
-fn claim(s: *mut SockSlot, sk: u64) -> bool {
-    // SAFETY: an 8-byte aligned array value (BPF_ATOMIC cmpxchg).
-    unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(&raw mut (*s).key, 0, sk).1 }
-}
-
 /// Keeps `record` as `sk`'s, replacing any it had. False: no room (its
 /// slots and the overflow map are full).
 #[inline(always)]
@@ -74,15 +62,17 @@ pub fn insert(sk: u64, record: &SockRecord) -> bool {
         unsafe { *r = *record };
         return true;
     }
-    let used = slots_used();
+    let used = slots::used();
     for i in 0..SOCK_SLOT_PROBES {
         if !used {
             break;
         }
-        let Some(s) = slot(sk, i) else { continue };
-        if key_of(s) == 0 && claim(s, sk) {
-            // SAFETY: the slot is now this socket's.
-            unsafe { (*s).record = *record };
+        let Some((k, index)) = slot(sk, i) else { continue };
+        if key_of(k) == 0 && claim(k, sk) {
+            if let Some(r) = self::record(index) {
+                // SAFETY: the slot is now this socket's.
+                unsafe { *r = *record };
+            }
             count_pid_sockets(1);
             return true;
         }
@@ -105,15 +95,14 @@ fn insert_overflow(sk: u64, record: &SockRecord) -> bool {
 /// `sk`'s record, if it has one.
 #[inline(always)]
 pub fn get(sk: u64) -> Option<*mut SockRecord> {
-    let used = slots_used();
+    let used = slots::used();
     for i in 0..SOCK_SLOT_PROBES {
         if !used {
             break;
         }
-        let Some(s) = slot(sk, i) else { continue };
-        if key_of(s) == sk {
-            // SAFETY: an array map value.
-            return Some(unsafe { &raw mut (*s).record });
+        let Some((k, index)) = slot(sk, i) else { continue };
+        if key_of(k) == sk {
+            return record(index);
         }
     }
     if maps::any_socks(maps::SOCKS_OVERFLOW) {
@@ -125,15 +114,14 @@ pub fn get(sk: u64) -> Option<*mut SockRecord> {
 /// Drops `sk`'s record: the socket is destroyed.
 #[inline(always)]
 pub fn remove(sk: u64) {
-    let used = slots_used();
+    let used = slots::used();
     for i in 0..SOCK_SLOT_PROBES {
         if !used {
             break;
         }
-        let Some(s) = slot(sk, i) else { continue };
-        if key_of(s) == sk {
-            // SAFETY: an array map value; a plain 8-byte store is atomic.
-            unsafe { core::ptr::write_volatile(&raw mut (*s).key, 0) };
+        let Some((k, _)) = slot(sk, i) else { continue };
+        if key_of(k) == sk {
+            slots::free(k);
             count_pid_sockets(u64::MAX);
             return;
         }

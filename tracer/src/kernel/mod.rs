@@ -1,6 +1,7 @@
 //! Loading, configuring and attaching the eBPF programs, and reading what
 //! they send.
 
+mod close_wait;
 pub mod compat;
 pub mod hooks;
 pub mod offsets;
@@ -16,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    sock_slot_home, stats, Config, SockRecord, SockSlot, StateEvent, Touch, COMPAT_IDS, COMPAT_NO_CMPXCHG,
-    SHARED_CLOSE, SOCK_SLOT_PROBES, STACKS_KERNEL, STACKS_USER,
+    sock_slot_home, stats, Config, SockRecord, StateEvent, Touch, COMPAT_IDS, COMPAT_NO_CMPXCHG, SHARED_CLOSE,
+    SOCK_SLOT_PROBES, STACKS_KERNEL, STACKS_USER,
 };
 
 use hooks::{Attach, HOOKS};
@@ -119,12 +120,14 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     watch: HashMap<MapData, u64, u32>,
     reported: HashMap<MapData, u64, u8>,
-    close_wait: HashMap<MapData, u64, StateEvent>,
+    close_wait: close_wait::CloseWaitTable,
     socks: HashMap<MapData, u64, SockRecord>,
-    sock_slots: Array<MapData, SockSlot>,
+    sock_keys: Array<MapData, u64>,
+    sock_records: Array<MapData, SockRecord>,
     socket_slots_mask: u32,
     shared_closes: HashMap<MapData, u64, Touch>,
     reported_count: Array<MapData, u64>,
+    snapshot_end: Array<MapData, u64>,
     known_stacks: HashMap<MapData, [u64; 2], u8>,
     native_pids: HashMap<MapData, u32, u8>,
     /// Agent-side insertions into `watch` and `reported` that failed.
@@ -162,7 +165,7 @@ impl Kernel {
         let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
         raise_memlock();
         let mut compat = compat::probe();
-        let (mut ebpf, hooks, socket_slots_mask) = loop {
+        let (mut ebpf, hooks, tables) = loop {
             match load_and_attach(opts, &offs, &btf, compat) {
                 Ok(loaded) => break loaded,
                 Err(e) => match e.downcast_ref::<NeedsFallback>() {
@@ -195,11 +198,19 @@ impl Kernel {
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let watch = HashMap::try_from(ebpf.take_map("WATCH").context("WATCH map")?)?;
         let reported = HashMap::try_from(ebpf.take_map("REPORTED").context("REPORTED map")?)?;
-        let close_wait = HashMap::try_from(ebpf.take_map("CLOSE_WAIT").context("CLOSE_WAIT map")?)?;
+        let close_wait = close_wait::CloseWaitTable::new(
+            ebpf.take_map("CW_KEYS").context("CW_KEYS map")?,
+            ebpf.take_map("CW_EVENTS").context("CW_EVENTS map")?,
+            ebpf.take_map("CLOSE_WAIT").context("CLOSE_WAIT map")?,
+            tables.slots,
+            tables.close_wait_slots_mask,
+        )?;
         let socks = HashMap::try_from(ebpf.take_map("SOCKS").context("SOCKS map")?)?;
-        let sock_slots = Array::try_from(ebpf.take_map("SOCK_SLOTS").context("SOCK_SLOTS map")?)?;
+        let sock_keys = Array::try_from(ebpf.take_map("SOCK_KEYS").context("SOCK_KEYS map")?)?;
+        let sock_records = Array::try_from(ebpf.take_map("SOCK_RECORDS").context("SOCK_RECORDS map")?)?;
         let shared_closes = HashMap::try_from(ebpf.take_map("SHARED_CLOSES").context("SHARED_CLOSES map")?)?;
         let reported_count = Array::try_from(ebpf.take_map("REPORTED_COUNT").context("REPORTED_COUNT map")?)?;
+        let snapshot_end = Array::try_from(ebpf.take_map("SNAPSHOT_END").context("SNAPSHOT_END map")?)?;
         let known_stacks = HashMap::try_from(ebpf.take_map("KNOWN_STACKS").context("KNOWN_STACKS map")?)?;
         let native_pids = HashMap::try_from(ebpf.take_map("NATIVE_PIDS").context("NATIVE_PIDS map")?)?;
         Ok(Self {
@@ -211,10 +222,12 @@ impl Kernel {
             reported,
             close_wait,
             socks,
-            sock_slots,
-            socket_slots_mask,
+            sock_keys,
+            sock_records,
+            socket_slots_mask: tables.socket_slots_mask,
             shared_closes,
             reported_count,
+            snapshot_end,
             known_stacks,
             native_pids,
             watch_full: 0,
@@ -303,13 +316,13 @@ impl Kernel {
     /// Cookies of the followed sockets now in CLOSE_WAIT (the kernel sends
     /// every later change of those at least `promote_ns` old).
     pub fn close_wait_cookies(&self) -> Vec<u64> {
-        self.close_wait.keys().flatten().collect()
+        self.close_wait.cookies()
     }
 
     /// The change that put a followed socket in CLOSE_WAIT; None once it has
     /// left it.
     pub fn close_wait_record(&self, cookie: u64) -> Option<StateEvent> {
-        self.close_wait.get(&cookie, 0).ok()
+        self.close_wait.get(cookie)
     }
 
     /// What the kernel side keeps of a followed socket: its opener, and the
@@ -324,17 +337,19 @@ impl Kernel {
         (Some(r), close)
     }
 
-    /// A socket's record in the kernel's socket table, read twice: a slot
-    /// that changed in between (the socket went, another took the slot)
-    /// is not taken.
+    /// A socket's record in the kernel's socket table, read between two
+    /// reads of its key and read twice: a slot that changed meanwhile (the
+    /// socket went, another took the slot) is not taken.
     fn socket_slot(&self, skaddr: u64) -> Option<SockRecord> {
         let mask = self.socket_slots_mask;
         let home = sock_slot_home(skaddr, mask);
         (0..SOCK_SLOT_PROBES).find_map(|i| {
             let idx = home.wrapping_add(i) & mask;
-            let first = self.sock_slots.get(&idx, 0).ok().filter(|s| s.key == skaddr)?;
-            let again = self.sock_slots.get(&idx, 0).ok()?;
-            (again == first).then_some(first.record)
+            self.sock_keys.get(&idx, 0).ok().filter(|&k| k == skaddr)?;
+            let first = self.sock_records.get(&idx, 0).ok()?;
+            let again = self.sock_records.get(&idx, 0).ok()?;
+            self.sock_keys.get(&idx, 0).ok().filter(|&k| k == skaddr)?;
+            (again == first).then_some(first)
         })
     }
 
@@ -343,6 +358,15 @@ impl Kernel {
     pub fn set_reported_count(&mut self, n: u64) {
         if let Err(e) = self.reported_count.set(0, n, 0) {
             log::warn!("cannot update the reported-leak count: {e}");
+        }
+    }
+
+    /// Tells the state hook when the start-up snapshot's dump ended (kernel
+    /// clock): the sockets it found in CLOSE_WAIT are in the watch list,
+    /// and no socket that entered CLOSE_WAIT later can be.
+    pub fn set_snapshot_end(&mut self, ns: u64) {
+        if let Err(e) = self.snapshot_end.set(0, ns, 0) {
+            log::warn!("cannot tell the kernel side when the snapshot ended: {e}");
         }
     }
 
@@ -377,14 +401,22 @@ impl Kernel {
     }
 }
 
+/// How the kernel side's tables were sized.
+struct Tables {
+    /// Lock-free slots are used (else the hash maps alone).
+    slots: bool,
+    socket_slots_mask: u32,
+    close_wait_slots_mask: u32,
+}
+
 /// Loads the object configured for `compat` (what this kernel lacks) and
-/// attaches every hook; with the hooks' status and the socket table's mask.
+/// attaches every hook; with the hooks' status and the tables' sizes.
 fn load_and_attach(
     opts: &LoadOptions,
     offs: &tracer_common::KernelOffsets,
     btf: &aya::Btf,
     compat: u32,
-) -> Result<(Ebpf, Vec<HookStatus>, u32)> {
+) -> Result<(Ebpf, Vec<HookStatus>, Tables)> {
     // Without compare-and-exchange the table is the overflow map alone,
     // sized for every socket; the slot array is left one entry.
     let slots_used = compat & COMPAT_NO_CMPXCHG == 0;
@@ -399,6 +431,14 @@ fn load_and_attach(
         opts.socket_entries
     };
     let socket_slots_mask = socket_slots - 1;
+    // The CLOSE_WAIT table: slots, or the hash map where they cannot be
+    // claimed (the other left one entry).
+    let (close_wait_slots, close_wait_hash) = if slots_used {
+        let slots = opts.close_wait_entries.checked_next_power_of_two().unwrap_or(1 << 31);
+        (slots, 1)
+    } else {
+        (1, opts.close_wait_entries)
+    };
     // (A Vec from the allocator is 16-byte aligned, as the ELF parser needs.)
     let rewritten;
     let object: &[u8] = if slots_used {
@@ -419,6 +459,8 @@ fn load_and_attach(
         follow: u32::from(opts.follow.is_some()),
         promote_ns: opts.follow.unwrap_or(0),
         socket_slots_mask,
+        close_wait_slots_mask: close_wait_slots - 1,
+        _pad: 0,
         compat,
     };
     let mut ebpf = EbpfLoader::new()
@@ -428,8 +470,11 @@ fn load_and_attach(
         .map_max_entries("EVENTS", opts.ring_bytes)
         .map_max_entries("WATCH", opts.watch_entries)
         .map_max_entries("REPORTED", opts.reported_entries)
-        .map_max_entries("CLOSE_WAIT", opts.close_wait_entries)
-        .map_max_entries("SOCK_SLOTS", socket_slots)
+        .map_max_entries("CLOSE_WAIT", close_wait_hash)
+        .map_max_entries("CW_KEYS", close_wait_slots)
+        .map_max_entries("CW_EVENTS", close_wait_slots)
+        .map_max_entries("SOCK_KEYS", socket_slots)
+        .map_max_entries("SOCK_RECORDS", socket_slots)
         .map_max_entries("SOCKS", socks_entries)
         // Only used where ids are fixed by the kernel side (`COMPAT_IDS`).
         .map_max_entries("IDS", if compat & COMPAT_IDS != 0 { IDS_ENTRIES } else { 1 })
@@ -477,7 +522,12 @@ fn load_and_attach(
             }
         }
     }
-    Ok((ebpf, hooks, socket_slots_mask))
+    let tables = Tables {
+        slots: slots_used,
+        socket_slots_mask,
+        close_wait_slots_mask: close_wait_slots - 1,
+    };
+    Ok((ebpf, hooks, tables))
 }
 
 fn attach(ebpf: &mut Ebpf, hook: &hooks::Hook, btf: &aya::Btf) -> Result<()> {

@@ -359,6 +359,10 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>, follow: bool) -> Resul
             // Degrade, don't die: new sockets are still traced. The sink
             // says so (start line, banner).
             let why = format!("{e:#}; are the inet_diag and tcp_diag modules loadable?");
+            if follow && pid.is_none() {
+                // Nothing went into the watch list.
+                kernel.set_snapshot_end(clock::monotonic_ns());
+            }
             let none = SnapshotInput {
                 ns,
                 sockets: Vec::new(),
@@ -377,9 +381,12 @@ fn snapshot_inputs(kernel: &mut Kernel, pid: Option<u32>, follow: bool) -> Resul
             .filter(|s| watched.contains(&s.cookie))
             .collect();
     } else if follow {
+        // Every socket the dump found in CLOSE_WAIT entered it before now.
+        let dumped = clock::monotonic_ns();
         for s in snap.iter().filter(|s| s.state == tcp::CLOSE_WAIT) {
             kernel.watch(s.cookie, 0);
         }
+        kernel.set_snapshot_end(dumped);
         let still: HashSet<u64> = snapshot::dump_tcp(StateFlags::CLOSE_WAIT)
             .context("reading existing sockets (sock_diag)")?
             .into_iter()

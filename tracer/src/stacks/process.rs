@@ -249,9 +249,15 @@ mod tests {
         let addr = code as u64 + 16;
         let captured_ns = crate::clock::monotonic_ns();
         let earlier = procs.get(pid, &[addr], 1).expect("this process");
-        assert!(earlier.exec_map(addr).is_none(), "captured before the read: not read again");
+        assert!(
+            earlier.exec_map(addr).is_none(),
+            "captured before the read: not read again"
+        );
         let later = procs.get(pid, &[addr], captured_ns).expect("this process");
-        assert!(later.exec_map(addr).is_some_and(|m| m.anonymous), "captured after: read again");
+        assert!(
+            later.exec_map(addr).is_some_and(|m| m.anonymous),
+            "captured after: read again"
+        );
         // SAFETY: mapped above, not referenced since.
         unsafe { libc::munmap(code, 4096) };
     }
