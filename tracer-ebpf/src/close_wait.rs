@@ -19,11 +19,13 @@ use tracer_common::{close_wait_home, StateEvent, SOCK_SLOT_PROBES};
 
 use crate::{config, maps, slots};
 
-/// A socket's entry: its change into CLOSE_WAIT, and its slot's key (None:
-/// in the hash map).
+/// A socket's entry: its change into CLOSE_WAIT, and its slot's key (null:
+/// in the hash map). Not an `Option`: the compiler leaves a `None`'s
+/// payload register unset and stores it anyway, and the verifier rejects
+/// reading an unset register ("R1 !read_ok", 5.10).
 pub struct Entry {
     pub change: *const StateEvent,
-    key: Option<*mut u64>,
+    key: *mut u64,
 }
 
 /// The key of the `i`th slot of `cookie`'s group, and the slot's index.
@@ -60,17 +62,15 @@ pub fn get(cookie: u64) -> Option<Entry> {
         return None;
     }
     if !slots::used() {
-        return maps::CLOSE_WAIT
-            .get_ptr(&cookie)
-            .map(|c| Entry { change: c, key: None });
+        return maps::CLOSE_WAIT.get_ptr(&cookie).map(|c| Entry {
+            change: c,
+            key: core::ptr::null_mut(),
+        });
     }
     for i in 0..SOCK_SLOT_PROBES {
         let Some((k, index)) = slot(cookie, i) else { continue };
         if slots::key(k) == cookie {
-            return maps::CW_EVENTS.get_ptr(index).map(|c| Entry {
-                change: c,
-                key: Some(k),
-            });
+            return maps::CW_EVENTS.get_ptr(index).map(|c| Entry { change: c, key: k });
         }
     }
     None
@@ -79,10 +79,9 @@ pub fn get(cookie: u64) -> Option<Entry> {
 /// Drops the socket's entry: it left CLOSE_WAIT.
 #[inline(always)]
 pub fn remove(cookie: u64, entry: &Entry) {
-    match entry.key {
-        Some(k) => slots::free(k),
-        None => {
-            let _ = maps::CLOSE_WAIT.remove(&cookie);
-        }
+    if entry.key.is_null() {
+        let _ = maps::CLOSE_WAIT.remove(&cookie);
+    } else {
+        slots::free(entry.key);
     }
 }
