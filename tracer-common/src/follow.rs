@@ -67,25 +67,36 @@ pub const SOCK_SLOT_PROBES: u32 = 8;
 
 /// The first slot of a socket's group in a table of `mask + 1` slots (a
 /// power of two; in a smaller table than a group, the group's slots wrap
-/// onto the same few). From the address's low 32
-/// bits only: the verifier lets a program take those of a socket pointer
-/// (a 32-bit move), not do arithmetic on the pointer itself. Socket
-/// addresses share their lowest bits (slab objects): a multiplicative hash
-/// spreads them.
+/// onto the same few). From the address's low 32 bits only: the verifier
+/// lets a program take those of a socket pointer (a 32-bit move), not do
+/// arithmetic on the pointer itself. Socket addresses share their lowest
+/// bits (slab objects): a multiplicative hash spreads them.
 #[inline(always)]
 pub fn sock_slot_home(sk: u64, mask: u32) -> u32 {
-    ((u64::from(sk as u32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask & !(SOCK_SLOT_PROBES - 1)
+    group_home(u64::from(sk as u32), mask)
 }
 
 /// The first slot of a cookie's group in the kernel's table of followed
 /// sockets now in CLOSE_WAIT (`CW_KEYS`, the cookies, 0: free; `CW_EVENTS`,
 /// the state changes into it, at the same index), `mask + 1` slots (a
-/// power of two), claimed and freed as the
-/// socket table's are. The agent scans the keys, which it maps into its
-/// memory, without a system call.
+/// power of two), claimed and freed as the socket table's are. The agent
+/// scans the keys, which it maps into its memory, without a system call.
 #[inline(always)]
 pub fn close_wait_home(cookie: u64, mask: u32) -> u32 {
-    ((cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask & !(SOCK_SLOT_PROBES - 1)
+    group_home(cookie, mask)
+}
+
+/// The first slot of the group `key` hashes to (multiplicative hashing),
+/// in a table of `mask + 1` slots.
+#[inline(always)]
+fn group_home(key: u64, mask: u32) -> u32 {
+    ((key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask & !(SOCK_SLOT_PROBES - 1)
+}
+
+/// The slots of the group starting at `home` (see [`sock_slot_home`],
+/// [`close_wait_home`]), for the agent's reads.
+pub fn group_slots(home: u32, mask: u32) -> impl Iterator<Item = u32> {
+    (0..SOCK_SLOT_PROBES).map(move |i| home.wrapping_add(i) & mask)
 }
 
 /// [`SockRecord::flags`]: the socket has stayed in CLOSE_WAIT long enough

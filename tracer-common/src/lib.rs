@@ -22,6 +22,6 @@ pub use event::{
     STACKS_SAMPLED_OUT, STACK_CATALOGUED, USTACK_WALKED,
 };
 pub use follow::{
-    close_wait_home, sock_slot_home, SockRecord, StacksTaken, Touch, FOLLOWED, OPENED_BY_ACCEPT, OPENED_BY_CONNECT,
-    SHARED_CLOSE, SOCK_SLOT_PROBES,
+    close_wait_home, group_slots, sock_slot_home, SockRecord, StacksTaken, Touch, FOLLOWED, OPENED_BY_ACCEPT,
+    OPENED_BY_CONNECT, SHARED_CLOSE, SOCK_SLOT_PROBES,
 };

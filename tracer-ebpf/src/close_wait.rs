@@ -32,8 +32,7 @@ pub struct Entry {
 #[inline(always)]
 fn slot(cookie: u64, i: u32) -> Option<(*mut u64, u32)> {
     let mask = config::close_wait_slots_mask();
-    let index = close_wait_home(cookie, mask).wrapping_add(i) & mask;
-    maps::CW_KEYS.get_ptr_mut(index).map(|k| (k, index))
+    slots::in_group(&maps::CW_KEYS, close_wait_home(cookie, mask), mask, i)
 }
 
 /// Keeps `change` as the socket's entry. False: no room.

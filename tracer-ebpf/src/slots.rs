@@ -6,6 +6,7 @@
 
 use core::intrinsics::{atomic_cxchg, AtomicOrdering};
 
+use aya_ebpf::maps::Array;
 use tracer_common::COMPAT_NO_CMPXCHG;
 
 use crate::config;
@@ -15,6 +16,15 @@ use crate::config;
 #[inline(always)]
 pub fn used() -> bool {
     !config::lacks(COMPAT_NO_CMPXCHG)
+}
+
+/// The key of the `i`th slot of the group starting at `home`, in a table
+/// of `mask + 1` slots whose keys are `keys`, and the slot's index (where
+/// its value is, in the table's other array).
+#[inline(always)]
+pub fn in_group(keys: &Array<u64>, home: u32, mask: u32, i: u32) -> Option<(*mut u64, u32)> {
+    let index = home.wrapping_add(i) & mask;
+    keys.get_ptr_mut(index).map(|k| (k, index))
 }
 
 /// The key in a slot; other CPUs may write it, hence the volatile read.

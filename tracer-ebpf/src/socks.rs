@@ -5,8 +5,9 @@
 //! taken: a hash map's update takes a bucket lock with interrupts off,
 //! which `perf` showed to be most of the state and accept hooks' cost.
 //!
-//! A socket is in one of the `SOCK_SLOT_PROBES` slots of its group, or, when they are all taken, in the overflow hash map `SOCKS` (counted,
-//! so that while it is empty nobody looks there).
+//! A socket is in one of the `SOCK_SLOT_PROBES` slots of its group, or,
+//! when they are all taken, in the overflow hash map `SOCKS` (counted, so
+//! that while it is empty nobody looks there).
 //!
 //! Before Linux 5.12 (no BPF_ATOMIC compare-and-exchange,
 //! `COMPAT_NO_CMPXCHG`) the table is the hash map alone, sized by the agent
@@ -24,15 +25,14 @@ use tracer_common::{sock_slot_home, SockRecord, SOCK_SLOT_PROBES};
 
 use crate::{
     config, maps,
-    slots::{self, claim, key as key_of},
+    slots::{self, claim},
 };
 
 /// The key of the `i`th slot of `sk`'s group, and the slot's index.
 #[inline(always)]
 fn slot(sk: u64, i: u32) -> Option<(*mut u64, u32)> {
     let mask = config::socket_slots_mask();
-    let index = sock_slot_home(low32(sk), mask).wrapping_add(i) & mask;
-    maps::SOCK_KEYS.get_ptr_mut(index).map(|k| (k, index))
+    slots::in_group(&maps::SOCK_KEYS, sock_slot_home(low32(sk), mask), mask, i)
 }
 
 /// The record of slot `index`.
@@ -68,7 +68,7 @@ pub fn insert(sk: u64, record: &SockRecord) -> bool {
             break;
         }
         let Some((k, index)) = slot(sk, i) else { continue };
-        if key_of(k) == 0 && claim(k, sk) {
+        if slots::key(k) == 0 && claim(k, sk) {
             if let Some(r) = self::record(index) {
                 // SAFETY: the slot is now this socket's.
                 unsafe { *r = *record };
@@ -101,7 +101,7 @@ pub fn get(sk: u64) -> Option<*mut SockRecord> {
             break;
         }
         let Some((k, index)) = slot(sk, i) else { continue };
-        if key_of(k) == sk {
+        if slots::key(k) == sk {
             return record(index);
         }
     }
@@ -120,7 +120,7 @@ pub fn remove(sk: u64) {
             break;
         }
         let Some((k, _)) = slot(sk, i) else { continue };
-        if key_of(k) == sk {
+        if slots::key(k) == sk {
             slots::free(k);
             count_pid_sockets(u64::MAX);
             return;

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
-use tracer_common::{close_wait_home, StateEvent, SOCK_SLOT_PROBES};
+use tracer_common::{close_wait_home, group_slots, StateEvent};
 
 /// `CW_KEYS` in this process's memory.
 pub(super) struct MappedKeys {
@@ -110,9 +110,7 @@ impl CloseWaitTable {
     pub fn get(&self, cookie: u64) -> Option<StateEvent> {
         match self {
             Self::Slots { keys, changes, mask } => {
-                let home = close_wait_home(cookie, *mask);
-                (0..SOCK_SLOT_PROBES).find_map(|i| {
-                    let index = home.wrapping_add(i) & mask;
+                group_slots(close_wait_home(cookie, *mask), *mask).find_map(|index| {
                     (keys.key(index as usize) == cookie).then_some(())?;
                     let change = changes.get(&index, 0).ok()?;
                     (keys.key(index as usize) == cookie && change.header.cookie == cookie).then_some(change)

@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    sock_slot_home, stats, Config, SockRecord, StateEvent, Touch, COMPAT_IDS, COMPAT_NO_CMPXCHG, SHARED_CLOSE,
-    SOCK_SLOT_PROBES, STACKS_KERNEL, STACKS_USER,
+    group_slots, sock_slot_home, stats, Config, SockRecord, StateEvent, Touch, COMPAT_IDS, COMPAT_NO_CMPXCHG,
+    SHARED_CLOSE, STACKS_KERNEL, STACKS_USER,
 };
 
 use hooks::{Attach, HOOKS};
@@ -342,9 +342,7 @@ impl Kernel {
     /// socket went, another took the slot) is not taken.
     fn socket_slot(&self, skaddr: u64) -> Option<SockRecord> {
         let mask = self.socket_slots_mask;
-        let home = sock_slot_home(skaddr, mask);
-        (0..SOCK_SLOT_PROBES).find_map(|i| {
-            let idx = home.wrapping_add(i) & mask;
+        group_slots(sock_slot_home(skaddr, mask), mask).find_map(|idx| {
             self.sock_keys.get(&idx, 0).ok().filter(|&k| k == skaddr)?;
             let first = self.sock_records.get(&idx, 0).ok()?;
             let again = self.sock_records.get(&idx, 0).ok()?;
