@@ -5,6 +5,7 @@ mod close_wait;
 pub mod compat;
 pub mod hooks;
 pub mod offsets;
+mod socket_table;
 pub mod tracefs;
 pub mod verifier;
 
@@ -17,8 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    group_slots, sock_slot_home, stats, Config, SockRecord, StateEvent, Touch, COMPAT_IDS, COMPAT_NO_CMPXCHG,
-    SHARED_CLOSE, STACKS_KERNEL, STACKS_USER,
+    stats, Config, SockRecord, StateEvent, Touch, COMPAT_IDS, COMPAT_NO_CMPXCHG, STACKS_KERNEL, STACKS_USER,
 };
 
 use hooks::{Attach, HOOKS};
@@ -121,11 +121,7 @@ pub struct Kernel {
     watch: HashMap<MapData, u64, u32>,
     reported: HashMap<MapData, u64, u8>,
     close_wait: close_wait::CloseWaitTable,
-    socks: HashMap<MapData, u64, SockRecord>,
-    sock_keys: Array<MapData, u64>,
-    sock_records: Array<MapData, SockRecord>,
-    socket_slots_mask: u32,
-    shared_closes: HashMap<MapData, u64, Touch>,
+    sockets: socket_table::SocketTable,
     reported_count: Array<MapData, u64>,
     snapshot_end: Array<MapData, u64>,
     known_stacks: HashMap<MapData, [u64; 2], u8>,
@@ -205,10 +201,7 @@ impl Kernel {
             tables.slots,
             tables.close_wait_slots_mask,
         )?;
-        let socks = HashMap::try_from(ebpf.take_map("SOCKS").context("SOCKS map")?)?;
-        let sock_keys = Array::try_from(ebpf.take_map("SOCK_KEYS").context("SOCK_KEYS map")?)?;
-        let sock_records = Array::try_from(ebpf.take_map("SOCK_RECORDS").context("SOCK_RECORDS map")?)?;
-        let shared_closes = HashMap::try_from(ebpf.take_map("SHARED_CLOSES").context("SHARED_CLOSES map")?)?;
+        let sockets = socket_table::SocketTable::take(&mut ebpf, tables.socket_slots_mask)?;
         let reported_count = Array::try_from(ebpf.take_map("REPORTED_COUNT").context("REPORTED_COUNT map")?)?;
         let snapshot_end = Array::try_from(ebpf.take_map("SNAPSHOT_END").context("SNAPSHOT_END map")?)?;
         let known_stacks = HashMap::try_from(ebpf.take_map("KNOWN_STACKS").context("KNOWN_STACKS map")?)?;
@@ -221,11 +214,7 @@ impl Kernel {
             watch,
             reported,
             close_wait,
-            socks,
-            sock_keys,
-            sock_records,
-            socket_slots_mask: tables.socket_slots_mask,
-            shared_closes,
+            sockets,
             reported_count,
             snapshot_end,
             known_stacks,
@@ -328,27 +317,7 @@ impl Kernel {
     /// What the kernel side keeps of a followed socket: its opener, and the
     /// last close of an fd to it that left it open.
     pub fn socket_record(&self, skaddr: u64) -> (Option<SockRecord>, Option<Touch>) {
-        let Some(r) = self.socket_slot(skaddr).or_else(|| self.socks.get(&skaddr, 0).ok()) else {
-            return (None, None);
-        };
-        let close = (r.flags & SHARED_CLOSE != 0)
-            .then(|| self.shared_closes.get(&skaddr, 0).ok())
-            .flatten();
-        (Some(r), close)
-    }
-
-    /// A socket's record in the kernel's socket table, read between two
-    /// reads of its key and read twice: a slot that changed meanwhile (the
-    /// socket went, another took the slot) is not taken.
-    fn socket_slot(&self, skaddr: u64) -> Option<SockRecord> {
-        let mask = self.socket_slots_mask;
-        group_slots(sock_slot_home(skaddr, mask), mask).find_map(|idx| {
-            self.sock_keys.get(&idx, 0).ok().filter(|&k| k == skaddr)?;
-            let first = self.sock_records.get(&idx, 0).ok()?;
-            let again = self.sock_records.get(&idx, 0).ok()?;
-            self.sock_keys.get(&idx, 0).ok().filter(|&k| k == skaddr)?;
-            (again == first).then_some(first)
-        })
+        self.sockets.record(skaddr)
     }
 
     /// Tells the close hook how many sockets are marked reported (while
